@@ -1,0 +1,381 @@
+"""Gemma 2 building blocks, written with `keras.ops` only.
+
+Read top to bottom: RMSNorm, tied embedding, rotary embedding, the
+attention mask rule, the soft-capped attention layer, the GeGLU
+feed-forward, and the decoder block that wires them together.
+"""
+
+import keras
+from keras import ops
+
+# Masked attention logits are set to this instead of -inf so that a row with
+# no visible key (a padded query) gives a uniform row, never NaN.
+MASK_VALUE = -1e30
+
+
+def wide_dtype(compute_dtype):
+    """The dtype for values that may exceed float16's range (max 65504).
+
+    Gemma 2's residual stream, feed-forward products and logits overflow
+    float16 on real checkpoints (the 27B is "erratic" in float16), so under a
+    float16 policy they are kept in float32. bfloat16 has float32's range and
+    keeps its own dtype.
+    """
+    return "float32" if compute_dtype == "float16" else compute_dtype
+
+
+def soft_cap(x, cap):
+    """`cap * tanh(x / cap)`, computed in float32."""
+    x = ops.cast(x, "float32")
+    return ops.tanh(x / cap) * cap
+
+
+class RMSNorm(keras.layers.Layer):
+    """Root-mean-square norm in float32 with the scale applied as (1 + w)."""
+
+    def __init__(self, epsilon=1e-6, **kwargs):
+        # Inputs may be a float32 residual under a float16 policy: no autocast.
+        super().__init__(autocast=False, **kwargs)
+        self.epsilon = epsilon
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(
+            name="scale", shape=(input_shape[-1],), initializer="zeros"
+        )
+
+    def call(self, x):
+        x = ops.cast(x, "float32")
+        variance = ops.mean(ops.square(x), axis=-1, keepdims=True)
+        x = x * ops.rsqrt(variance + self.epsilon)
+        x = x * (1.0 + ops.cast(self.scale, "float32"))
+        return ops.cast(x, self.compute_dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon}
+
+
+class TiedEmbedding(keras.layers.Layer):
+    """Token embedding scaled by sqrt(hidden), reused as the output projection.
+
+    `call(token_ids)` embeds; `call(hidden, reverse=True)` projects onto the
+    vocabulary and applies the final logit soft-cap, returning float32 logits.
+    """
+
+    def __init__(self, vocabulary_size, hidden_dim, logit_soft_cap, **kwargs):
+        super().__init__(**kwargs)
+        self.vocabulary_size = vocabulary_size
+        self.hidden_dim = hidden_dim
+        self.logit_soft_cap = logit_soft_cap
+
+    def build(self, input_shape=None):
+        self.embeddings = self.add_weight(
+            name="embeddings",
+            shape=(self.vocabulary_size, self.hidden_dim),
+            initializer=keras.initializers.VarianceScaling(
+                scale=1.0, mode="fan_in", distribution="untruncated_normal"
+            ),
+        )
+
+    def call(self, inputs, reverse=False):
+        if reverse:
+            dtype = wide_dtype(self.compute_dtype)
+            kernel = ops.cast(self.embeddings, dtype)
+            logits = ops.matmul(ops.cast(inputs, dtype), ops.transpose(kernel))
+            return soft_cap(logits, self.logit_soft_cap)
+        x = ops.take(self.embeddings, ops.cast(inputs, "int32"), axis=0)
+        x = ops.cast(x, self.compute_dtype)
+        # The scale is cast to the compute dtype first (bfloat16 2B: exactly 48.0).
+        scale = ops.cast(ops.sqrt(float(self.hidden_dim)), self.compute_dtype)
+        return x * scale
+
+    def compute_output_spec(self, inputs, reverse=False):
+        if reverse:
+            shape = tuple(inputs.shape[:-1]) + (self.vocabulary_size,)
+            return keras.KerasTensor(shape, dtype="float32")
+        shape = tuple(inputs.shape) + (self.hidden_dim,)
+        return keras.KerasTensor(shape, dtype=self.compute_dtype)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "vocabulary_size": self.vocabulary_size,
+            "hidden_dim": self.hidden_dim,
+            "logit_soft_cap": self.logit_soft_cap,
+        }
+
+
+def apply_rope(x, positions, max_wavelength):
+    """Rotary position embedding, rotate-half form, angles in float32.
+
+    x: [batch, seq, heads, head_dim]; positions: [batch, seq] absolute indices.
+    """
+    head_dim = ops.shape(x)[-1]
+    half = head_dim // 2
+    exponents = ops.arange(0, half, dtype="float32") * 2.0 / float(head_dim)
+    inverse_frequencies = 1.0 / ops.power(float(max_wavelength), exponents)
+    angles = ops.cast(positions, "float32")[..., None] * inverse_frequencies
+    angles = ops.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = ops.cos(angles), ops.sin(angles)
+    x32 = ops.cast(x, "float32")
+    rotated = ops.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return ops.cast(x32 * cos + rotated * sin, x.dtype)
+
+
+def attention_mask(query_positions, key_positions, key_valid, sliding_window_size=None):
+    """Which keys each query may see: [batch, queries, keys] booleans.
+
+    Causal (key position <= query position), key not padding, and for
+    sliding layers 0 <= query - key < window (the window counts the query
+    itself). Written over absolute positions so the same rule serves a full
+    forward pass, a KV cache and a ring buffer whose slots hold any positions.
+    """
+    distance = query_positions[:, :, None] - key_positions[:, None, :]
+    visible = distance >= 0
+    if sliding_window_size is not None:
+        visible = ops.logical_and(visible, distance < sliding_window_size)
+    return ops.logical_and(visible, ops.cast(key_valid, "bool")[:, None, :])
+
+
+class Gemma2Attention(keras.layers.Layer):
+    """Grouped-query attention with RoPE and soft-capped logits.
+
+    One layer for training, cached decoding and export: the caller supplies
+    absolute `positions` and a boolean `attention_mask` over the keys
+    attended to; with a `cache` ([batch, 2, cache_len, kv_heads, head_dim])
+    the new keys and values are first written at `cache_write_index`.
+    Returns `(output, updated_cache)`; the cache is None without one.
+    """
+
+    def __init__(
+        self,
+        num_query_heads,
+        num_key_value_heads,
+        head_dim,
+        query_pre_attn_scalar,
+        logit_soft_cap,
+        rope_max_wavelength,
+        sliding_window_size=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_query_heads = num_query_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim
+        self.query_pre_attn_scalar = query_pre_attn_scalar
+        self.logit_soft_cap = logit_soft_cap
+        self.rope_max_wavelength = rope_max_wavelength
+        self.sliding_window_size = sliding_window_size
+
+    def build(self, input_shape):
+        hidden_dim = input_shape[-1]
+        q, kv, d = self.num_query_heads, self.num_key_value_heads, self.head_dim
+
+        def projection(name, equation, output_shape, built_on):
+            layer = keras.layers.EinsumDense(
+                equation, output_shape, dtype=self.dtype_policy, name=name
+            )
+            layer.build(built_on)
+            return layer
+
+        self.query = projection("query", "btd,dnh->btnh", (None, q, d), input_shape)
+        self.key = projection("key", "btd,dnh->btnh", (None, kv, d), input_shape)
+        self.value = projection("value", "btd,dnh->btnh", (None, kv, d), input_shape)
+        self.attention_output = projection(
+            "attention_output", "btnh,nhd->btd", (None, hidden_dim), (None, None, q, d)
+        )
+
+    def call(self, x, positions, attention_mask, cache=None, cache_write_index=None):
+        query = apply_rope(self.query(x), positions, self.rope_max_wavelength)
+        key = apply_rope(self.key(x), positions, self.rope_max_wavelength)
+        value = self.value(x)
+
+        if cache is not None:
+            start = [0, cache_write_index, 0, 0]
+            key = ops.slice_update(cache[:, 0], start, ops.cast(key, cache.dtype))
+            value = ops.slice_update(cache[:, 1], start, ops.cast(value, cache.dtype))
+            cache = ops.stack([key, value], axis=1)
+
+        output = self._attend(query, key, value, attention_mask)
+        return self.attention_output(output), cache
+
+    def _attend(self, query, key, value, attention_mask):
+        batch, length = ops.shape(query)[0], ops.shape(query)[1]
+        groups = self.num_query_heads // self.num_key_value_heads
+        # Query head h reads key/value head h // groups.
+        query = ops.reshape(
+            query, (batch, length, self.num_key_value_heads, groups, self.head_dim)
+        )
+        logits_dtype = wide_dtype(self.compute_dtype)
+        query = ops.cast(query, logits_dtype) * ops.cast(
+            self.query_pre_attn_scalar**-0.5, logits_dtype
+        )
+        logits = ops.einsum("btkgh,bskh->bkgts", query, ops.cast(key, logits_dtype))
+        logits = soft_cap(logits, self.logit_soft_cap)
+        logits = ops.where(attention_mask[:, None, None, :, :], logits, MASK_VALUE)
+        probabilities = ops.cast(ops.softmax(logits, axis=-1), value.dtype)
+        output = ops.einsum("bkgts,bskh->btkgh", probabilities, value)
+        return ops.reshape(output, (batch, length, self.num_query_heads, self.head_dim))
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_query_heads": self.num_query_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "query_pre_attn_scalar": self.query_pre_attn_scalar,
+            "logit_soft_cap": self.logit_soft_cap,
+            "rope_max_wavelength": self.rope_max_wavelength,
+            "sliding_window_size": self.sliding_window_size,
+        }
+
+
+class Gemma2FeedForward(keras.layers.Layer):
+    """GeGLU: down(gelu_tanh(gate(x)) * up(x))."""
+
+    def __init__(self, intermediate_dim, **kwargs):
+        super().__init__(**kwargs)
+        self.intermediate_dim = intermediate_dim
+
+    def build(self, input_shape):
+        hidden_dim = input_shape[-1]
+
+        def dense(name, units, dtype):
+            layer = keras.layers.Dense(
+                units, use_bias=False, kernel_initializer="glorot_uniform", dtype=dtype, name=name
+            )
+            layer.build((None, None, hidden_dim if name != "down" else self.intermediate_dim))
+            return layer
+
+        self.gate = dense("gate", self.intermediate_dim, self.dtype_policy)
+        self.up = dense("up", self.intermediate_dim, self.dtype_policy)
+        # The gated product and the down projection can pass float16's range.
+        down_dtype = "float32" if self.compute_dtype == "float16" else self.dtype_policy
+        self.down = dense("down", hidden_dim, down_dtype)
+
+    def call(self, x):
+        dtype = wide_dtype(self.compute_dtype)
+        gate = ops.cast(ops.gelu(self.gate(x), approximate=True), dtype)
+        return self.down(gate * ops.cast(self.up(x), dtype))
+
+    def get_config(self):
+        return {**super().get_config(), "intermediate_dim": self.intermediate_dim}
+
+
+class Gemma2DecoderBlock(keras.layers.Layer):
+    """Pre- and post-norm around attention and around the feed-forward.
+
+    `call(x, padding_mask)` is the full-sequence forward; cached decoding
+    passes `positions`, `attention_mask`, `cache` and `cache_write_index`
+    instead of building them from the padding mask.
+    """
+
+    def __init__(
+        self,
+        hidden_dim,
+        intermediate_dim,
+        num_query_heads,
+        num_key_value_heads,
+        head_dim,
+        query_pre_attn_scalar,
+        attention_logit_soft_cap,
+        rope_max_wavelength,
+        layer_norm_epsilon,
+        sliding_window_size=None,
+        **kwargs,
+    ):
+        # The residual stream may be float32 under a float16 policy.
+        super().__init__(autocast=False, **kwargs)
+        self.hidden_dim = hidden_dim
+        self.intermediate_dim = intermediate_dim
+        self.num_query_heads = num_query_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim
+        self.query_pre_attn_scalar = query_pre_attn_scalar
+        self.attention_logit_soft_cap = attention_logit_soft_cap
+        self.rope_max_wavelength = rope_max_wavelength
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.sliding_window_size = sliding_window_size
+
+        def norm(name):
+            return RMSNorm(layer_norm_epsilon, dtype=self.dtype_policy, name=name)
+
+        self.pre_attention_norm = norm("pre_attention_norm")
+        self.attention = Gemma2Attention(
+            num_query_heads,
+            num_key_value_heads,
+            head_dim,
+            query_pre_attn_scalar,
+            attention_logit_soft_cap,
+            rope_max_wavelength,
+            sliding_window_size,
+            dtype=self.dtype_policy,
+            name="attention",
+        )
+        self.post_attention_norm = norm("post_attention_norm")
+        self.pre_feedforward_norm = norm("pre_feedforward_norm")
+        self.feedforward = Gemma2FeedForward(
+            intermediate_dim, dtype=self.dtype_policy, name="feedforward"
+        )
+        self.post_feedforward_norm = norm("post_feedforward_norm")
+
+    def build(self, input_shape):
+        hidden_shape = (None, None, self.hidden_dim)
+        for norm in (
+            self.pre_attention_norm,
+            self.post_attention_norm,
+            self.pre_feedforward_norm,
+            self.post_feedforward_norm,
+        ):
+            norm.build(hidden_shape)
+        self.attention.build(hidden_shape)
+        self.feedforward.build(hidden_shape)
+
+    def call(
+        self,
+        x,
+        padding_mask=None,
+        positions=None,
+        attention_mask=None,
+        cache=None,
+        cache_write_index=None,
+    ):
+        if attention_mask is None:
+            length = ops.shape(x)[1]
+            positions = ops.broadcast_to(ops.arange(length, dtype="int32")[None], ops.shape(x)[:2])
+            attention_mask = _sequence_mask(positions, padding_mask, self.sliding_window_size)
+
+        residual_dtype = wide_dtype(self.compute_dtype)
+        x = ops.cast(x, residual_dtype)
+        h = self.pre_attention_norm(x)
+        h, cache = self.attention(h, positions, attention_mask, cache, cache_write_index)
+        x = x + ops.cast(self.post_attention_norm(h), residual_dtype)
+        h = self.feedforward(self.pre_feedforward_norm(x))
+        x = x + ops.cast(self.post_feedforward_norm(h), residual_dtype)
+        if cache is None:
+            return x
+        return x, cache
+
+    def compute_output_spec(self, x, padding_mask=None, **kwargs):
+        return keras.KerasTensor(x.shape, dtype=wide_dtype(self.compute_dtype))
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "hidden_dim": self.hidden_dim,
+            "intermediate_dim": self.intermediate_dim,
+            "num_query_heads": self.num_query_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "query_pre_attn_scalar": self.query_pre_attn_scalar,
+            "attention_logit_soft_cap": self.attention_logit_soft_cap,
+            "rope_max_wavelength": self.rope_max_wavelength,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "sliding_window_size": self.sliding_window_size,
+        }
+
+
+def _sequence_mask(positions, padding_mask, sliding_window_size):
+    """Mask for a full sequence attending to itself."""
+    if padding_mask is None:
+        padding_mask = ops.ones_like(positions)
+    return attention_mask(positions, positions, padding_mask, sliding_window_size)

@@ -4,3 +4,17 @@ from keras_gemma2.version import __version__
 from keras_gemma2.config import Gemma2Config
 from keras_gemma2.backbone import Gemma2Backbone
 from keras_gemma2.causal_lm import Gemma2CausalLM
+from keras_gemma2.preset_registry import list_presets
+
+
+def from_preset(preset, dtype=None, load_weights=True, **config_overrides):
+    """A `Gemma2CausalLM` (with its tokenizer) from a preset.
+
+    `preset`: a registered name (see `list_presets()`), a local directory in
+    KerasHub or transformers format, or a `kaggle://` / `hf://` handle.
+    `dtype`: 'float32', 'bfloat16', 'float16' or a mixed policy.
+    `load_weights=False` builds the architecture with random weights (no download).
+    """
+    return Gemma2CausalLM.from_preset(
+        preset, dtype=dtype, load_weights=load_weights, **config_overrides
+    )

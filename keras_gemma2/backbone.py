@@ -80,6 +80,9 @@ def standardize_inputs(inputs, config):
                 f"`padding_mask` shape {tuple(padding_mask.shape)} must equal "
                 f"`token_ids` shape {shape}."
             )
+    if backend_utils.is_concrete(token_ids):  # one tensor type for both inputs
+        token_ids = keras.ops.convert_to_tensor(token_ids, "int32")
+        padding_mask = keras.ops.convert_to_tensor(padding_mask, "int32")
     return {"token_ids": token_ids, "padding_mask": padding_mask}
 
 

@@ -116,6 +116,17 @@ class Gemma2Config:
             )
         return cls(**data)
 
+    @classmethod
+    def from_preset(cls, preset):
+        """The architecture of a registered preset (no download) or a checkpoint directory."""
+        from keras_gemma2 import preset_registry
+
+        if isinstance(preset, str) and preset in preset_registry.names():
+            return cls.from_dict(preset_registry.get(preset)["config"])
+        from keras_gemma2.checkpoints import read_checkpoint, resolve_preset
+
+        return read_checkpoint(resolve_preset(preset))[0]
+
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
 

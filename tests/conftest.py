@@ -7,22 +7,20 @@ import pytest
 
 from keras_gemma2 import Gemma2Config
 
-# Small enough to run in milliseconds, shaped like the real models: GQA,
-# windows shorter than the test sequences, a 27B-style query scalar.
-TINY = Gemma2Config(
-    vocabulary_size=128,
-    num_layers=3,
-    hidden_dim=32,
-    intermediate_dim=48,
-    num_query_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    query_pre_attn_scalar=16,
-    sliding_window_size=4,
-    max_sequence_length=64,
-)
+# The tiny configs are registered presets (presets/gemma2_tiny_*.json): shaped
+# like the real models (GQA, windows shorter than test sequences), but run in
+# milliseconds. Test modules read them with Gemma2Config.from_preset.
+TINY = Gemma2Config.from_preset("gemma2_tiny_test")
 
 
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_path(tmp_path_factory):
+    """Path to a tiny 128-piece SentencePiece model with Gemma's specials."""
+    from helpers import train_test_sentencepiece
+
+    return train_test_sentencepiece(tmp_path_factory.mktemp("sentencepiece"))

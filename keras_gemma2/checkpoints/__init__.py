@@ -1,0 +1,256 @@
+"""from_preset / save_to_preset: one entry point for every checkpoint source.
+
+A preset is a registered name (resolved to its download handles), a
+`kaggle://` or `hf://` handle, or a local directory in one of two formats:
+
+* transformers Gemma 2 (config.json with model_type "gemma2", safetensors,
+  tokenizer.model). `save_to_preset` writes this format too, plus
+  `keras_gemma2.json` holding the exact Gemma2Config.
+* KerasHub (config.json naming GemmaBackbone, model.weights.h5, possibly
+  sharded, assets/tokenizer/vocabulary.spm) as downloaded from Kaggle.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+from keras_gemma2 import preset_registry
+from keras_gemma2.checkpoints import hf, safetensors_io
+from keras_gemma2.config import Gemma2Config
+
+OUR_CONFIG_FILE = "keras_gemma2.json"
+HF_TOKENIZER_FILE = "tokenizer.model"
+KERASHUB_TOKENIZER_FILE = os.path.join("assets", "tokenizer", "vocabulary.spm")
+
+
+# ---- resolving a preset to files on disk --------------------------------
+def resolve_preset(preset):
+    """A local directory holding the preset's files (downloading if needed)."""
+    if isinstance(preset, os.PathLike):
+        preset = os.fspath(preset)
+    if not isinstance(preset, str) or not preset:
+        raise TypeError(f"`preset` must be a preset name, a directory or a handle, got {preset!r}.")
+    if preset.startswith(("kaggle://", "hf://")):
+        from keras_gemma2.checkpoints import download
+
+        return download.fetch(preset)
+    if os.path.isdir(preset):
+        return preset
+    if preset in preset_registry.names():
+        entry = preset_registry.get(preset)
+        if entry.get("local"):
+            return entry["local"]
+        from keras_gemma2.checkpoints import download
+
+        return download.fetch_any(preset, entry.get("handles", []))
+    if os.path.sep in preset or preset.startswith(".") or os.path.exists(preset):
+        raise FileNotFoundError(
+            f"Preset directory {preset!r} does not exist (or is not a directory)."
+        )
+    raise ValueError(preset_registry.unknown_name_message(preset))
+
+
+def detect_format(directory):
+    """'hf' or 'kerashub', or a clear error listing what is missing."""
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(
+            f"{directory} has no config.json, so it is neither a transformers Gemma 2 checkpoint "
+            "(config.json, model.safetensors, tokenizer.model) nor a KerasHub preset "
+            "(config.json, model.weights.h5, assets/tokenizer/vocabulary.spm)."
+        )
+    config = hf.read_hf_config(directory)
+    if "model_type" in config:
+        return "hf"
+    if "class_name" in config and "config" in config:
+        return "kerashub"
+    raise ValueError(
+        f"{config_path} is neither a transformers config (no 'model_type') nor a KerasHub "
+        "config (no 'class_name')."
+    )
+
+
+# ---- reading ---------------------------------------------------------------
+def read_checkpoint(directory):
+    """(Gemma2Config, {keras variable path: callable -> numpy array}, tokenizer path or None)."""
+    kind = detect_format(directory)
+    if kind == "kerashub":
+        from keras_gemma2.checkpoints import kerashub
+
+        config, tensors = kerashub.read_kerashub_preset(directory)
+        tokenizer = os.path.join(directory, KERASHUB_TOKENIZER_FILE)
+        return config, tensors, tokenizer if os.path.exists(tokenizer) else None
+
+    ours = os.path.join(directory, OUR_CONFIG_FILE)
+    if os.path.exists(ours):
+        with open(ours) as f:
+            config = Gemma2Config.from_dict(json.load(f)["config"])
+    else:
+        config = hf.config_from_hf(hf.read_hf_config(directory), os.path.join(directory, "config.json"))
+    checkpoint = safetensors_io.SafetensorsCheckpoint(directory)
+    tensors = {}
+    for keras_path, hf_name, to_keras, _ in hf.weight_layout(config):
+        if hf_name not in checkpoint:
+            raise ValueError(
+                f"{directory} lacks tensor {hf_name!r} that a Gemma 2 model with "
+                f"{config.num_layers} layers needs. Is the checkpoint complete?"
+            )
+        tensors[keras_path] = _lazy(checkpoint, hf_name, to_keras)
+    tokenizer = os.path.join(directory, HF_TOKENIZER_FILE)
+    return config, tensors, tokenizer if os.path.exists(tokenizer) else None
+
+
+def _lazy(checkpoint, name, transform):
+    loader = lambda: transform(checkpoint.get(name))  # noqa: E731
+    loader.source_name = name
+    loader.source_shape = checkpoint.shape(name)
+    return loader
+
+
+def assign_weights(backbone, tensors):
+    """Copy arrays into the backbone's variables, checking every name and shape first."""
+    variables = {v.path: v for v in backbone.weights}
+    missing = sorted(set(variables) - set(tensors))
+    unexpected = sorted(set(tensors) - set(variables))
+    if missing or unexpected:
+        raise ValueError(
+            f"Checkpoint does not fit the architecture: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}."
+        )
+    for path, variable in variables.items():
+        array = tensors[path]() if callable(tensors[path]) else tensors[path]
+        if tuple(array.shape) != tuple(variable.shape):
+            source = getattr(tensors[path], "source_name", path)
+            raise ValueError(
+                f"Weight {source!r} has shape {tuple(array.shape)} after conversion but the model "
+                f"expects {tuple(variable.shape)} for {path!r}. The checkpoint does not match "
+                "its config (or the config overrides)."
+            )
+        # One tensor in memory at a time; a plain array (not a memmap) for every backend.
+        variable.assign(np.array(array, dtype=_numpy_dtype(variable)))
+
+
+def load_backbone(preset, dtype=None, load_weights=True, **config_overrides):
+    from keras_gemma2.backbone import Gemma2Backbone, resolve_dtype_policy
+
+    policy = resolve_dtype_policy(dtype)  # a bad dtype fails before any download
+    entry = preset_registry.get(preset) if preset in preset_registry.names() else None
+    if entry is not None and (not load_weights or not (entry.get("handles") or entry.get("local"))):
+        config = Gemma2Config.from_dict(entry["config"]).replace(**config_overrides)
+        return Gemma2Backbone(config, dtype=policy)
+    directory = resolve_preset(preset)
+    config, tensors, _ = read_checkpoint(directory)
+    config = config.replace(**config_overrides)
+    backbone = Gemma2Backbone(config, dtype=policy)
+    if load_weights:
+        assign_weights(backbone, tensors)
+    return backbone
+
+
+def load_tokenizer(preset):
+    from keras_gemma2.tokenizer import Gemma2Tokenizer
+
+    directory = resolve_preset(preset)
+    for candidate in (HF_TOKENIZER_FILE, KERASHUB_TOKENIZER_FILE):
+        path = os.path.join(directory, candidate)
+        if os.path.exists(path):
+            return Gemma2Tokenizer(path)
+    raise FileNotFoundError(
+        f"{directory} has no tokenizer: expected {HF_TOKENIZER_FILE} (transformers) or "
+        f"{KERASHUB_TOKENIZER_FILE} (KerasHub)."
+    )
+
+
+def load_causal_lm(preset, dtype=None, load_weights=True, **config_overrides):
+    from keras_gemma2.causal_lm import Gemma2CausalLM
+
+    backbone = load_backbone(preset, dtype=dtype, load_weights=load_weights, **config_overrides)
+    tokenizer = None
+    entry = preset_registry.get(preset) if preset in preset_registry.names() else None
+    if entry is None or entry.get("local") or (load_weights and entry.get("handles")):
+        try:
+            tokenizer = load_tokenizer(preset)
+        except FileNotFoundError:
+            tokenizer = None
+    return Gemma2CausalLM(backbone, tokenizer=tokenizer)
+
+
+# ---- writing ---------------------------------------------------------------
+def save_preset(backbone, preset_dir, tokenizer=None, max_shard_size="4GB"):
+    """Write transformers-format files + keras_gemma2.json, all-or-nothing.
+
+    Files go to a temporary sibling directory that is renamed into place at
+    the end, so a failure never leaves a half-written preset.
+    """
+    preset_dir = os.path.abspath(os.fspath(preset_dir))
+    if os.path.exists(preset_dir) and (not os.path.isdir(preset_dir) or os.listdir(preset_dir)):
+        raise FileExistsError(
+            f"{preset_dir} exists and is not an empty directory; save_to_preset will not "
+            "overwrite it. Choose a new path or remove it first."
+        )
+    parent = os.path.dirname(preset_dir)
+    if not os.path.isdir(parent):
+        os.makedirs(parent, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"Cannot write to {parent}: directory is not writable.")
+
+    config = backbone.config
+    variables = {v.path: v for v in backbone.weights}
+    staging = tempfile.mkdtemp(prefix=".partial-", dir=parent)
+    try:
+        tensors, sizes = {}, {}
+        for keras_path, hf_name, _, to_hf in hf.weight_layout(config):
+            variable = variables[keras_path]
+            tensors[hf_name] = _exporter(variable, to_hf)
+            sizes[hf_name] = int(np.prod(variable.shape)) * np.dtype(_numpy_dtype(variable)).itemsize
+        safetensors_io.write_sharded(staging, tensors, sizes, max_shard_size)
+        special = {}
+        if tokenizer is not None:
+            tokenizer.save_assets(staging)
+            special = {
+                "pad": tokenizer.pad_token_id,
+                "eos": tokenizer.eos_token_id,
+                "bos": tokenizer.bos_token_id,
+            }
+        dtype_name = str(backbone.variable_dtype)
+        safetensors_io.write_json(
+            os.path.join(staging, "config.json"), hf.config_to_hf(config, dtype_name, special)
+        )
+        from keras_gemma2.version import __version__
+
+        safetensors_io.write_json(
+            os.path.join(staging, OUR_CONFIG_FILE),
+            {
+                "config": config.to_dict(),
+                "dtype_policy": backbone.dtype_policy.name,
+                "keras_gemma2_version": __version__,
+                "parameter_count": config.parameter_count(),
+            },
+        )
+        if os.path.isdir(preset_dir):
+            os.rmdir(preset_dir)  # empty, checked above
+        os.replace(staging, preset_dir)
+    finally:
+        if os.path.exists(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+    return preset_dir
+
+
+def _numpy_dtype(variable):
+    import ml_dtypes
+
+    name = str(variable.dtype)
+    return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
+
+
+def _exporter(variable, to_hf):
+    import keras
+
+    def produce():
+        array = np.asarray(keras.ops.convert_to_numpy(variable.value))
+        return np.ascontiguousarray(to_hf(array))
+
+    return produce

@@ -4,6 +4,7 @@ from keras_gemma2.version import __version__
 from keras_gemma2.config import Gemma2Config
 from keras_gemma2.backbone import Gemma2Backbone
 from keras_gemma2.causal_lm import Gemma2CausalLM
+from keras_gemma2.tokenizer import Gemma2Tokenizer
 from keras_gemma2.preset_registry import list_presets
 
 

@@ -142,9 +142,9 @@ class Gemma2Backbone(keras.Model):
         super().__init__(
             inputs={"token_ids": token_ids, "padding_mask": padding_mask},
             outputs=hidden,
-            dtype=policy,
             **kwargs,
         )
+        self.dtype_policy = policy  # functional models ignore the `dtype` argument
 
         self.config = config
         self.token_embedding = token_embedding

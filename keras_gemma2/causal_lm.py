@@ -22,7 +22,8 @@ class Gemma2CausalLM(keras.Model):
         inputs = backbone.input
         hidden = backbone(inputs)
         logits = backbone.token_embedding(hidden, reverse=True)
-        super().__init__(inputs=inputs, outputs=logits, dtype=backbone.dtype_policy, **kwargs)
+        super().__init__(inputs=inputs, outputs=logits, **kwargs)
+        self.dtype_policy = backbone.dtype_policy
         self.backbone = backbone
         self.tokenizer = tokenizer
 
@@ -38,7 +39,10 @@ class Gemma2CausalLM(keras.Model):
         if optimizer == "auto":
             optimizer = keras.optimizers.AdamW(learning_rate=5e-5, weight_decay=0.01)
         if loss == "auto":
-            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+            # Mean over real (non-padding) tokens, not over all positions.
+            loss = keras.losses.SparseCategoricalCrossentropy(
+                from_logits=True, reduction="mean_with_sample_weight"
+            )
         if weighted_metrics == "auto":
             weighted_metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
         super().compile(optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, **kwargs)

@@ -33,10 +33,12 @@ def soft_cap(x, cap):
 class RMSNorm(keras.layers.Layer):
     """Root-mean-square norm in float32 with the scale applied as (1 + w)."""
 
-    def __init__(self, epsilon=1e-6, **kwargs):
+    def __init__(self, epsilon=1e-6, output_dtype=None, **kwargs):
         # Inputs may be a float32 residual under a float16 policy: no autocast.
         super().__init__(autocast=False, **kwargs)
         self.epsilon = epsilon
+        # None: the compute dtype. Post-norms feeding a float32 residual return float32.
+        self.output_dtype = output_dtype
 
     def build(self, input_shape):
         self.scale = self.add_weight(
@@ -48,10 +50,10 @@ class RMSNorm(keras.layers.Layer):
         variance = ops.mean(ops.square(x), axis=-1, keepdims=True)
         x = x * ops.rsqrt(variance + self.epsilon)
         x = x * (1.0 + ops.cast(self.scale, "float32"))
-        return ops.cast(x, self.compute_dtype)
+        return ops.cast(x, self.output_dtype or self.compute_dtype)
 
     def get_config(self):
-        return {**super().get_config(), "epsilon": self.epsilon}
+        return {**super().get_config(), "epsilon": self.epsilon, "output_dtype": self.output_dtype}
 
 
 class TiedEmbedding(keras.layers.Layer):
@@ -296,8 +298,12 @@ class Gemma2DecoderBlock(keras.layers.Layer):
         self.layer_norm_epsilon = layer_norm_epsilon
         self.sliding_window_size = sliding_window_size
 
-        def norm(name):
-            return RMSNorm(layer_norm_epsilon, dtype=self.dtype_policy, name=name)
+        residual_dtype = wide_dtype(self.compute_dtype)
+
+        def norm(name, output_dtype=None):
+            return RMSNorm(
+                layer_norm_epsilon, output_dtype, dtype=self.dtype_policy, name=name
+            )
 
         self.pre_attention_norm = norm("pre_attention_norm")
         self.attention = Gemma2Attention(
@@ -311,12 +317,12 @@ class Gemma2DecoderBlock(keras.layers.Layer):
             dtype=self.dtype_policy,
             name="attention",
         )
-        self.post_attention_norm = norm("post_attention_norm")
+        self.post_attention_norm = norm("post_attention_norm", residual_dtype)
         self.pre_feedforward_norm = norm("pre_feedforward_norm")
         self.feedforward = Gemma2FeedForward(
             intermediate_dim, dtype=self.dtype_policy, name="feedforward"
         )
-        self.post_feedforward_norm = norm("post_feedforward_norm")
+        self.post_feedforward_norm = norm("post_feedforward_norm", residual_dtype)
 
     def build(self, input_shape):
         hidden_shape = (None, None, self.hidden_dim)
@@ -348,9 +354,9 @@ class Gemma2DecoderBlock(keras.layers.Layer):
         x = ops.cast(x, residual_dtype)
         h = self.pre_attention_norm(x)
         h, cache = self.attention(h, positions, attention_mask, cache, cache_write_index)
-        x = x + ops.cast(self.post_attention_norm(h), residual_dtype)
+        x = x + self.post_attention_norm(h)
         h = self.feedforward(self.pre_feedforward_norm(x))
-        x = x + ops.cast(self.post_feedforward_norm(h), residual_dtype)
+        x = x + self.post_feedforward_norm(h)
         if cache is None:
             return x
         return x, cache

@@ -192,14 +192,17 @@ def save_preset(backbone, preset_dir, tokenizer=None, max_shard_size="4GB"):
             "overwrite it. Choose a new path or remove it first."
         )
     parent = os.path.dirname(preset_dir)
-    if not os.path.isdir(parent):
+    try:
         os.makedirs(parent, exist_ok=True)
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"Cannot write to {parent}: directory is not writable.")
+        staging = tempfile.mkdtemp(prefix=".partial-", dir=parent)
+    except OSError as error:
+        raise PermissionError(
+            f"Cannot write a preset under {parent}: {error.strerror or error}. "
+            "Choose a writable directory."
+        ) from error
 
     config = backbone.config
     variables = {v.path: v for v in backbone.weights}
-    staging = tempfile.mkdtemp(prefix=".partial-", dir=parent)
     try:
         tensors, sizes = {}, {}
         for keras_path, hf_name, _, to_hf in hf.weight_layout(config):

@@ -1,0 +1,122 @@
+"""Test helpers that build small real artifacts instead of mocking them."""
+
+import io
+import os
+import tempfile
+
+# The real Gemma vocabulary is not downloadable in tests, so we train a tiny
+# SentencePiece model shaped like it: the same special pieces (looked up by
+# name, at DIFFERENT ids for the turn markers), BPE, no text normalization,
+# no dummy prefix, whitespace kept, digits split, "\n" as its own piece.
+TEST_VOCABULARY_SIZE = 128  # Must equal tests/conftest.py TINY.vocabulary_size.
+
+_ENGLISH = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A small model can still learn to tokenize simple text.",
+    "Hello, world! How are you today?",
+    "What is the capital of France? It is Paris.",
+    "Write a short poem about the sea and the sky.",
+    "She said: \"Tokens are pieces of words.\"",
+    "We trained it in 2024 on 16 cores and 8 GPUs.",
+    "Is this the right answer? Yes, it is right.",
+    "Keras runs on JAX, TensorFlow and PyTorch.",
+    "Gemma is a family of open models from Google.",
+    "Please explain why the sky is blue, in one line.",
+    "Numbers like 3.14, 42 and 1000 appear in text.",
+    "It's a test; don't worry about it.",
+    "Zebras, yaks and quails vex the jumping wizard.",
+]
+
+_CODE = [
+    "def add(a, b):",
+    "    return a + b",
+    "import numpy as np",
+    "x = np.zeros((2, 3), dtype=\"int32\")",
+    "for i in range(10):",
+    "    print(i * 2 - 1)",
+    "if x[0] == y[1] and not z:",
+    "    values = {\"key\": [1, 2, 3]}",
+    "class Model(object):",
+    "    def __init__(self, size=128):",
+    "        self.size = size  # the width",
+    "while n > 0 and m < 9:",
+    "    n -= 1; m += 1",
+    "result = [k for k in items if k % 2 == 0]",
+    "path = \"/tmp/data/file_name.txt\"",
+    "print(f\"{name}: {value!r}\")",
+    "assert total >= 0, 'total must be positive'",
+    "lambda q: q ** 2 / 4 | 1 & 7 ^ 3 @ w ~ v",
+]
+
+
+def _corpus():
+    # Repeat with small variations so BPE sees stable, frequent pairs;
+    # every character the tests use appears many times.
+    for round_ in range(8):
+        for line in _ENGLISH:
+            yield line
+            yield line.lower()
+            yield line.upper() if round_ % 4 == 0 else line
+        for line in _CODE:
+            yield line
+            yield line.replace("x", "y").replace("a", "b") if round_ % 2 else line
+
+
+def train_test_sentencepiece(path, **overrides):
+    """Train a deterministic 128-piece SentencePiece model and return its path.
+
+    `path` is either the model file to write (ending in ".model" or ".spm")
+    or a directory, in which case `tokenizer.model` is written inside it.
+    Special ids: <pad>=0, <eos>=1, <bos>=2, <unk>=3; <start_of_turn>,
+    <end_of_turn> and "\n" are user-defined symbols (ids 4, 5, 6), as in
+    Gemma's vocabulary, so they always tokenize to one piece.
+    `overrides` replace trainer options, to build deliberately different
+    vocabularies (other special ids, missing pieces, a dummy prefix).
+    """
+    import sentencepiece as spm
+
+    path = os.fspath(path)
+    if not path.endswith((".model", ".spm")):
+        os.makedirs(path, exist_ok=True)
+        path = os.path.join(path, "tokenizer.model")
+
+    options = dict(
+        model_type="bpe",
+        vocab_size=TEST_VOCABULARY_SIZE,
+        character_coverage=1.0,
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>", "\n"],
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        byte_fallback=False,  # 256 byte pieces do not fit in 128.
+        hard_vocab_limit=True,
+        num_threads=1,
+        minloglevel=2,
+    )
+    options.update(overrides)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_corpus(), model_writer=model, **options
+    )
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(model.getvalue())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path

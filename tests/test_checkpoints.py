@@ -229,3 +229,20 @@ def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         random_model().save_to_preset(str(tmp_path / "preset"), max_shard_size="10KB")
     assert os.listdir(tmp_path) == []
+
+
+def test_handles_go_through_the_download_clients(monkeypatch, hf_dir):
+    """kaggle:// and hf:// reach kagglehub / huggingface_hub and load what they return."""
+    import sys
+    import types
+
+    requests = []
+    kagglehub = types.SimpleNamespace(model_download=lambda handle: requests.append(handle) or hf_dir)
+    huggingface_hub = types.SimpleNamespace(
+        snapshot_download=lambda repo_id, allow_patterns: requests.append(repo_id) or hf_dir
+    )
+    monkeypatch.setitem(sys.modules, "kagglehub", kagglehub)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", huggingface_hub)
+    assert keras_gemma2.from_preset("kaggle://keras/gemma2/keras/x/1").config == TINY
+    assert keras_gemma2.from_preset("hf://google/gemma-2-2b").config == TINY
+    assert requests == ["keras/gemma2/keras/x/1", "google/gemma-2-2b"]

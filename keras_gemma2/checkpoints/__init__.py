@@ -133,48 +133,53 @@ def assign_weights(backbone, tensors):
         variable.assign(np.array(array, dtype=_numpy_dtype(variable)))
 
 
-def load_backbone(preset, dtype=None, load_weights=True, **config_overrides):
+def _build_backbone(preset, dtype, load_weights, config_overrides):
+    """(backbone, directory of the preset's files or None when architecture-only)."""
     from keras_gemma2.backbone import Gemma2Backbone, resolve_dtype_policy
 
     policy = resolve_dtype_policy(dtype)  # a bad dtype fails before any download
     entry = preset_registry.get(preset) if preset in preset_registry.names() else None
     if entry is not None and (not load_weights or not (entry.get("handles") or entry.get("local"))):
         config = Gemma2Config.from_dict(entry["config"]).replace(**config_overrides)
-        return Gemma2Backbone(config, dtype=policy)
-    directory = resolve_preset(preset)
+        return Gemma2Backbone(config, dtype=policy), None
+    directory = resolve_preset(preset)  # downloads at most once
     config, tensors, _ = read_checkpoint(directory)
-    config = config.replace(**config_overrides)
-    backbone = Gemma2Backbone(config, dtype=policy)
+    backbone = Gemma2Backbone(config.replace(**config_overrides), dtype=policy)
     if load_weights:
         assign_weights(backbone, tensors)
-    return backbone
+    return backbone, directory
 
 
-def load_tokenizer(preset):
+def load_backbone(preset, dtype=None, load_weights=True, **config_overrides):
+    return _build_backbone(preset, dtype, load_weights, config_overrides)[0]
+
+
+def _tokenizer_in(directory):
     from keras_gemma2.tokenizer import Gemma2Tokenizer
 
-    directory = resolve_preset(preset)
     for candidate in (HF_TOKENIZER_FILE, KERASHUB_TOKENIZER_FILE):
         path = os.path.join(directory, candidate)
         if os.path.exists(path):
             return Gemma2Tokenizer(path)
-    raise FileNotFoundError(
-        f"{directory} has no tokenizer: expected {HF_TOKENIZER_FILE} (transformers) or "
-        f"{KERASHUB_TOKENIZER_FILE} (KerasHub)."
-    )
+    return None
+
+
+def load_tokenizer(preset):
+    directory = resolve_preset(preset)
+    tokenizer = _tokenizer_in(directory)
+    if tokenizer is None:
+        raise FileNotFoundError(
+            f"{directory} has no tokenizer: expected {HF_TOKENIZER_FILE} (transformers) or "
+            f"{KERASHUB_TOKENIZER_FILE} (KerasHub)."
+        )
+    return tokenizer
 
 
 def load_causal_lm(preset, dtype=None, load_weights=True, **config_overrides):
     from keras_gemma2.causal_lm import Gemma2CausalLM
 
-    backbone = load_backbone(preset, dtype=dtype, load_weights=load_weights, **config_overrides)
-    tokenizer = None
-    entry = preset_registry.get(preset) if preset in preset_registry.names() else None
-    if entry is None or entry.get("local") or (load_weights and entry.get("handles")):
-        try:
-            tokenizer = load_tokenizer(preset)
-        except FileNotFoundError:
-            tokenizer = None
+    backbone, directory = _build_backbone(preset, dtype, load_weights, config_overrides)
+    tokenizer = _tokenizer_in(directory) if directory else None
     return Gemma2CausalLM(backbone, tokenizer=tokenizer)
 
 

@@ -104,6 +104,211 @@ class Gemma2CausalLM(keras.Model):
             return logprobs
         return [logprobs[row, : mask[row].sum() - 1] for row in range(len(texts))]
 
+    # ---- generation -------------------------------------------------------
+    @property
+    def generator(self):
+        """The compiled generation functions (created on first use)."""
+        if getattr(self, "_generator", None) is None:
+            from keras_gemma2.generation import Generator
+
+            self._generator = Generator(self)
+        return self._generator
+
+    def generate(
+        self,
+        inputs,
+        max_length=None,
+        max_new_tokens=None,
+        sampler="greedy",
+        stop_token_ids="auto",
+        stop_strings=None,
+        seed=None,
+        return_logprobs=False,
+        stream=False,
+        temperature=None,
+        top_k=None,
+        top_p=None,
+        min_p=None,
+        sliding_window_size=None,
+    ):
+        """Continue prompts: strings (tokenized with BOS) or token ids, one or a batch.
+
+        Returns the new text (str or list of str) for string inputs, a list of
+        int arrays for token-id inputs; with `return_logprobs`, a `Generation`
+        holding tokens, their log-probabilities and text. Rows stop at their
+        first stop token (default: <eos> and <end_of_turn>) or stop string.
+        `stream=True` returns an iterator of text pieces as tokens arrive (one
+        prompt); `stream=callable` calls it with each piece and returns the
+        result. `max_length` counts the longest prompt plus new tokens.
+        `sliding_window_size` overrides the window at inference time.
+        """
+        from keras_gemma2.samplers import Sampler, get_sampler
+
+        request = self._generation_request(
+            inputs, max_length, max_new_tokens, stop_token_ids, stop_strings, stream,
+            sliding_window_size,
+        )
+        sampler = get_sampler(sampler, temperature, top_k, top_p, min_p)
+        if not isinstance(sampler, Sampler):
+            from keras_gemma2.beam_search import beam_search
+
+            return beam_search(self, request, sampler, return_logprobs)
+        if stream is True:
+            return self._stream(request, sampler, seed)
+        if callable(stream):
+            pieces = [stream(piece) or piece for piece in self._stream(request, sampler, seed)]
+            return "".join(pieces)
+        tokens, logprobs, _ = list(
+            self.generator.run(
+                request["prompts"], request["max_new_tokens"], sampler, request["stop_ids"],
+                seed, request["window"],
+            )
+        )[-1]
+        return self._finish(request, tokens, logprobs, return_logprobs)
+
+    def chat(self, messages, **generate_kwargs):
+        """The model's next turn for a conversation ([{"role", "content"}, ...])."""
+        if self.tokenizer is None:
+            raise ValueError("chat() needs a tokenizer: load a preset that has one.")
+        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.generate(prompt, **generate_kwargs)
+
+    def _generation_request(
+        self, inputs, max_length, max_new_tokens, stop_token_ids, stop_strings, stream, window
+    ):
+        """Validate everything and tokenize, before any compilation."""
+        config = self.config
+        is_text = isinstance(inputs, str) or (
+            isinstance(inputs, (list, tuple)) and any(isinstance(x, str) for x in inputs)
+        )
+        if is_text:
+            batch = [inputs] if isinstance(inputs, str) else list(inputs)
+            if not all(isinstance(x, str) for x in batch):
+                raise ValueError("A batch must be all strings or all token-id lists, not a mix.")
+            if self.tokenizer is None:
+                raise ValueError("Generating from text needs a tokenizer; pass token ids instead.")
+            if any(not text for text in batch):
+                raise ValueError("Empty prompt: every prompt needs at least one character.")
+            prompts = self.tokenizer(batch)
+            single = isinstance(inputs, str)
+        else:
+            array = inputs
+            if isinstance(array, np.ndarray) or hasattr(array, "shape"):
+                array = np.asarray(keras.ops.convert_to_numpy(array)).tolist()
+            single = isinstance(array, (list, tuple)) and bool(array) and all(
+                isinstance(x, (int, np.integer)) for x in array
+            )
+            if single:
+                array = [array]
+            if not isinstance(array, (list, tuple)) or not array:
+                raise ValueError(f"Expected a string, strings or token ids; got {type(inputs).__name__}.")
+            prompts = []
+            for row in array:
+                if isinstance(row, str) or not all(isinstance(x, (int, np.integer)) for x in row):
+                    raise ValueError("A batch must be all strings or all token-id lists, not a mix.")
+                prompts.append([int(x) for x in row])
+            if any(len(p) == 0 for p in prompts):
+                raise ValueError("Empty prompt: every prompt needs at least one token.")
+            flat = [x for p in prompts for x in p]
+            if min(flat) < 0 or max(flat) >= config.vocabulary_size:
+                raise ValueError(f"Prompt token ids must lie in [0, {config.vocabulary_size}).")
+        longest = max(len(p) for p in prompts)
+
+        if max_length is not None and max_length > config.max_sequence_length:
+            raise ValueError(
+                f"max_length {max_length} exceeds the model's max_sequence_length "
+                f"{config.max_sequence_length}."
+            )
+        if max_length is not None and longest >= max_length:
+            raise ValueError(
+                f"The prompt ({longest} tokens) leaves no room: max_length is {max_length}. "
+                "Raise max_length or shorten the prompt."
+            )
+        if max_new_tokens is None:
+            limit = config.max_sequence_length if max_length is None else max_length
+            max_new_tokens = min(256, limit - longest) if max_length is None else limit - longest
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+        if longest + max_new_tokens > config.max_sequence_length:
+            raise ValueError(
+                f"Prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                f"model's max_sequence_length {config.max_sequence_length}."
+            )
+
+        if isinstance(stop_token_ids, str) and stop_token_ids == "auto":
+            stop_token_ids = self._default_stop_ids()
+        stop_ids = tuple(sorted({int(i) for i in (stop_token_ids or ())}))
+        bad = [i for i in stop_ids if not 0 <= i < config.vocabulary_size]
+        if bad:
+            raise ValueError(
+                f"Stop token ids {bad} lie outside the vocabulary [0, {config.vocabulary_size})."
+            )
+        if stop_strings and self.tokenizer is None:
+            raise ValueError("stop_strings need a tokenizer to read the text.")
+        if stream and len(prompts) != 1:
+            raise ValueError("Streaming generates one prompt at a time; pass a single prompt.")
+        window = config.sliding_window_size if window is None else window
+        if isinstance(window, bool) or not isinstance(window, int) or not 0 < window <= config.max_sequence_length:
+            raise ValueError(
+                f"sliding_window_size must be an integer in [1, {config.max_sequence_length}], got {window!r}."
+            )
+        return {
+            "prompts": prompts,
+            "is_text": is_text,
+            "single": single,
+            "max_new_tokens": max_new_tokens,
+            "stop_ids": stop_ids,
+            "stop_strings": tuple(stop_strings or ()),
+            "window": window,
+        }
+
+    def _default_stop_ids(self):
+        from keras_gemma2.generation import GEMMA_STOP_IDS, GEMMA_STOP_PIECES
+
+        if self.tokenizer is not None:
+            ids = [self.tokenizer.piece_to_id(piece) for piece in GEMMA_STOP_PIECES]
+            return [i for i in ids if i is not None]
+        return [i for i in GEMMA_STOP_IDS if i < self.config.vocabulary_size]
+
+    def _finish(self, request, tokens, logprobs, return_logprobs):
+        from keras_gemma2.generation import Generation, cut_at_stop_string, trim_at_stop
+
+        rows = [trim_at_stop(t, lp, request["stop_ids"]) for t, lp in zip(tokens, logprobs)]
+        token_ids = [np.asarray(t, "int32") for t, _ in rows]
+        row_logprobs = [np.asarray(lp, "float32") for _, lp in rows]
+        texts = None
+        if self.tokenizer is not None and (request["is_text"] or request["stop_strings"]):
+            texts = []
+            for row, ids in enumerate(token_ids):
+                text, found = cut_at_stop_string(self.tokenizer.detokenize(ids), request["stop_strings"])
+                if found:  # keep only the tokens that make up the kept text
+                    keep = _tokens_covering(self.tokenizer, ids, text)
+                    token_ids[row], row_logprobs[row] = ids[:keep], row_logprobs[row][:keep]
+                texts.append(text)
+        if return_logprobs:
+            return Generation(token_ids=token_ids, logprobs=row_logprobs, text=texts)
+        outputs = texts if request["is_text"] else token_ids
+        return outputs[0] if request["single"] else outputs
+
+    def _stream(self, request, sampler, seed):
+        """Yield text pieces as the compiled loop produces tokens (one token per chunk)."""
+        from keras_gemma2.generation import cut_at_stop_string, trim_at_stop
+
+        if self.tokenizer is None:
+            raise ValueError("Streaming text needs a tokenizer.")
+        emitted = ""
+        for tokens, logprobs, _ in self.generator.run(
+            request["prompts"], request["max_new_tokens"], sampler, request["stop_ids"],
+            seed, request["window"], chunk=1,
+        ):
+            ids, _ = trim_at_stop(tokens[0], logprobs[0], request["stop_ids"])
+            text, found = cut_at_stop_string(self.tokenizer.detokenize(ids), request["stop_strings"])
+            if text.startswith(emitted) and len(text) > len(emitted):
+                yield text[len(emitted):]
+                emitted = text
+            if found:
+                return
+
     # ---- presets --------------------------------------------------------
     @classmethod
     def from_preset(cls, preset, dtype=None, **kwargs):
@@ -128,3 +333,11 @@ class Gemma2CausalLM(keras.Model):
         config = dict(config)
         config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
         return cls(**config)
+
+
+def _tokens_covering(tokenizer, ids, text):
+    """How many leading tokens detokenize to (at least) `text`."""
+    for count in range(len(ids) + 1):
+        if len(tokenizer.detokenize(ids[:count])) >= len(text):
+            return count
+    return len(ids)

@@ -141,11 +141,19 @@ def attention_mask(query_positions, key_positions, key_valid, sliding_window_siz
 class Gemma2Attention(keras.layers.Layer):
     """Grouped-query attention with RoPE and soft-capped logits.
 
-    One layer for training, cached decoding and export: the caller supplies
+    One layer for training, cached decoding and export. The caller supplies
     absolute `positions` and a boolean `attention_mask` over the keys
-    attended to; with a `cache` ([batch, 2, cache_len, kv_heads, head_dim])
-    the new keys and values are first written at `cache_write_index`.
-    Returns `(output, updated_cache)`; the cache is None without one.
+    attended to, so the masking rule lives in one place (`attention_mask`).
+    With a `cache` ([batch, 2, cache_length, kv_heads, head_dim]):
+
+    * `cache_index=None` (prefill): the chunk attends to itself, as without a
+      cache, and its keys/values fill the empty cache. A sliding layer's cache
+      is a ring of `sliding_window_size` slots: index t lives in slot
+      t % length, so only the last window of a long prompt is kept.
+    * `cache_index=i` (decode): the chunk's keys/values are written at slot
+      i % length, then the queries attend over the whole cache.
+
+    Returns `(output, cache)`; the cache is None without one.
     """
 
     def __init__(
@@ -186,19 +194,33 @@ class Gemma2Attention(keras.layers.Layer):
             "attention_output", "btnh,nhd->btd", (None, hidden_dim), (None, None, q, d)
         )
 
-    def call(self, x, positions, attention_mask, cache=None, cache_write_index=None):
+    def call(self, x, positions, attention_mask, cache=None, cache_index=None):
         query = apply_rope(self.query(x), positions, self.rope_max_wavelength)
         key = apply_rope(self.key(x), positions, self.rope_max_wavelength)
         value = self.value(x)
 
-        if cache is not None:
-            start = [0, cache_write_index, 0, 0]
-            key = ops.slice_update(cache[:, 0], start, ops.cast(key, cache.dtype))
-            value = ops.slice_update(cache[:, 1], start, ops.cast(value, cache.dtype))
-            cache = ops.stack([key, value], axis=1)
-
-        output = self._attend(query, key, value, attention_mask)
+        if cache is None:
+            output = self._attend(query, key, value, attention_mask)
+        elif cache_index is None:
+            output = self._attend(query, key, value, attention_mask)
+            cache = self._fill_cache(cache, ops.stack([key, value], axis=1))
+        else:
+            fresh = ops.cast(ops.stack([key, value], axis=1), cache.dtype)
+            slot = ops.mod(cache_index, ops.shape(cache)[2])
+            cache = ops.slice_update(cache, [0, 0, slot, 0, 0], fresh)
+            output = self._attend(query, cache[:, 0], cache[:, 1], attention_mask)
         return self.attention_output(output), cache
+
+    @staticmethod
+    def _fill_cache(cache, fresh):
+        """Write a prompt's keys/values (indices 0..T-1) into an empty cache."""
+        fresh = ops.cast(fresh, cache.dtype)
+        length, cache_length = fresh.shape[2], cache.shape[2]
+        if length <= cache_length:
+            return ops.slice_update(cache, [0, 0, 0, 0, 0], fresh)
+        # Ring buffer shorter than the prompt: keep indices T-L..T-1, each in slot t % L.
+        tail = fresh[:, :, length - cache_length :]
+        return ops.roll(tail, shift=(length - cache_length) % cache_length, axis=2)
 
     def _attend(self, query, key, value, attention_mask):
         batch, length = ops.shape(query)[0], ops.shape(query)[1]
@@ -267,8 +289,8 @@ class Gemma2DecoderBlock(keras.layers.Layer):
     """Pre- and post-norm around attention and around the feed-forward.
 
     `call(x, padding_mask)` is the full-sequence forward; cached decoding
-    passes `positions`, `attention_mask`, `cache` and `cache_write_index`
-    instead of building them from the padding mask.
+    passes `positions`, `attention_mask`, `cache` and `cache_index` (see
+    Gemma2Attention) instead of building them from the padding mask.
     """
 
     def __init__(
@@ -343,7 +365,7 @@ class Gemma2DecoderBlock(keras.layers.Layer):
         positions=None,
         attention_mask=None,
         cache=None,
-        cache_write_index=None,
+        cache_index=None,
     ):
         if attention_mask is None:
             length = ops.shape(x)[1]
@@ -353,7 +375,7 @@ class Gemma2DecoderBlock(keras.layers.Layer):
         residual_dtype = wide_dtype(self.compute_dtype)
         x = ops.cast(x, residual_dtype)
         h = self.pre_attention_norm(x)
-        h, cache = self.attention(h, positions, attention_mask, cache, cache_write_index)
+        h, cache = self.attention(h, positions, attention_mask, cache, cache_index)
         x = x + self.post_attention_norm(h)
         h = self.feedforward(self.pre_feedforward_norm(x))
         x = x + self.post_feedforward_norm(h)

@@ -1,0 +1,158 @@
+"""Text generation: one prefill pass, then one compiled decode loop.
+
+Prompts are left-padded to a length bucket (powers of two from 16), so
+prompts of different lengths share one compiled program per (batch size,
+bucket, new-token budget, sampler, stop ids). Prefill costs the bucket, not
+the full generation length; the decode loop stops early once every row has
+emitted a stop token. Streaming runs the same compiled loop a chunk at a time.
+"""
+
+import dataclasses
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_gemma2 import backend_utils, kv_cache
+from keras_gemma2.samplers import BeamSearch, Sampler
+
+MIN_BUCKET = 16
+GEMMA_STOP_PIECES = ("<eos>", "<end_of_turn>")
+GEMMA_STOP_IDS = (1, 107)  # in the real vocabulary; used when no tokenizer is attached
+
+
+def prompt_bucket(longest, limit):
+    """Smallest power of two >= longest (at least MIN_BUCKET), at most `limit`."""
+    bucket = MIN_BUCKET
+    while bucket < longest:
+        bucket *= 2
+    return max(longest, min(bucket, limit))
+
+
+@dataclasses.dataclass
+class Generation:
+    """New tokens per row (stop token excluded) with their log-probabilities."""
+
+    token_ids: list
+    logprobs: list
+    text: list = None
+
+
+class Generator:
+    """Owns the compiled prefill/decode functions of one Gemma2CausalLM."""
+
+    def __init__(self, model):
+        self.model = model
+        self.compilations = 0  # traces of compiled functions (jax / tensorflow)
+        self._functions = {}
+
+    # ---- compiled pieces --------------------------------------------------
+    def functions(self, batch_size, bucket, max_new_tokens, sampler, stop_ids, window):
+        key = (batch_size, bucket, max_new_tokens, sampler, stop_ids, window)
+        if key not in self._functions:
+            self._functions[key] = self._build(bucket, max_new_tokens, sampler, stop_ids, window)
+        return self._functions[key]
+
+    def _build(self, bucket, max_new_tokens, sampler, stop_ids, window):
+        backbone = self.model.backbone
+        config = backbone.config.replace(sliding_window_size=window)
+        windows = kv_cache.layer_windows(config)
+        total_length = bucket + max_new_tokens
+        stop = np.array(stop_ids or [-1], "int32")
+
+        def count_trace():
+            if backend_utils.compiles():
+                self.compilations += 1  # runs once per trace, not per call
+
+        def start(prompt, padding):
+            count_trace()
+            batch = ops.shape(prompt)[0]
+            caches = kv_cache.new_caches(config, batch, total_length, backbone.compute_dtype)
+            logits, caches = kv_cache.prefill(backbone, prompt, padding, caches, windows)
+            return {
+                "step": ops.zeros((), "int32"),
+                "logits": logits,
+                "caches": caches,
+                "padding": padding,
+                "tokens": ops.zeros((batch, max_new_tokens), "int32"),
+                "logprobs": ops.zeros((batch, max_new_tokens), "float32"),
+                "done": ops.zeros((batch,), "bool"),
+            }
+
+        def run(state, seed, stop_at):
+            count_trace()
+
+            def cond(step, logits, caches, tokens, logprobs, done):
+                return ops.logical_and(step < stop_at, ops.logical_not(ops.all(done)))
+
+            def body(step, logits, caches, tokens, logprobs, done):
+                token = sampler.select(logits, ops.stack([seed, step]))
+                log_softmax = ops.log_softmax(logits, axis=-1)
+                chosen = ops.take_along_axis(log_softmax, token[:, None], axis=-1)
+                token = ops.where(done, 0, token)
+                tokens = ops.slice_update(tokens, [0, step], token[:, None])
+                logprobs = ops.slice_update(logprobs, [0, step], ops.where(done[:, None], 0.0, chosen))
+                done = ops.logical_or(done, ops.any(token[:, None] == stop[None, :], axis=-1))
+                logits, caches = kv_cache.decode(
+                    backbone, token[:, None], state["padding"], caches, bucket + step, windows
+                )
+                return step + 1, logits, caches, tokens, logprobs, done
+
+            loop = ops.while_loop(
+                cond,
+                body,
+                (state["step"], state["logits"], state["caches"], state["tokens"],
+                 state["logprobs"], state["done"]),
+            )
+            names = ("step", "logits", "caches", "tokens", "logprobs", "done")
+            return {**state, **dict(zip(names, loop))}
+
+        variables = backbone.variables
+        return (
+            backend_utils.compile_function(start, variables),
+            backend_utils.compile_function(run, variables),
+        )
+
+    # ---- host side ----------------------------------------------------------
+    def run(self, prompts, max_new_tokens, sampler, stop_ids, seed, window, chunk=None):
+        """Yield (tokens [B, n], logprobs [B, n], done [B]) after each chunk (one chunk if None)."""
+        config = self.model.config
+        longest = max(len(p) for p in prompts)
+        bucket = prompt_bucket(longest, config.max_sequence_length - max_new_tokens)
+        padded = np.zeros((len(prompts), bucket), "int32")
+        padding = np.zeros((len(prompts),), "int32")
+        for row, prompt in enumerate(prompts):
+            padded[row, bucket - len(prompt) :] = prompt
+            padding[row] = bucket - len(prompt)
+        start, decode = self.functions(
+            len(prompts), bucket, max_new_tokens, sampler, stop_ids, window
+        )
+        state = start(ops.convert_to_tensor(padded), ops.convert_to_tensor(padding))
+        seed = ops.convert_to_tensor(np.int32(seed if seed is not None else np.random.randint(2**31 - 1)))
+        stop_at = 0
+        while True:
+            stop_at = max_new_tokens if chunk is None else min(stop_at + chunk, max_new_tokens)
+            state = decode(state, seed, ops.convert_to_tensor(np.int32(stop_at)))
+            step = int(ops.convert_to_numpy(state["step"]))
+            done = np.asarray(ops.convert_to_numpy(state["done"]))
+            yield (
+                np.asarray(ops.convert_to_numpy(state["tokens"]))[:, :step],
+                np.asarray(ops.convert_to_numpy(state["logprobs"]))[:, :step],
+                done,
+            )
+            if step >= max_new_tokens or done.all():
+                return
+
+
+def trim_at_stop(tokens, logprobs, stop_ids):
+    """Cut a row at its first stop token (excluded)."""
+    for position, token in enumerate(tokens):
+        if int(token) in stop_ids:
+            return tokens[:position], logprobs[:position]
+    return tokens, logprobs
+
+
+def cut_at_stop_string(text, stop_strings):
+    """(text before the first stop string, whether one was found)."""
+    cut = min((text.find(s) for s in stop_strings if s and s in text), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)

@@ -72,3 +72,31 @@ def compile_function(fn, variables):
 def compiles():
     """Whether compile_function really compiles (jax, tensorflow) or runs eagerly (torch)."""
     return keras.backend.backend() in ("jax", "tensorflow")
+
+
+def stateless_categorical(logits, seed):
+    """One sample per row of `logits` [batch, vocab], a pure function of `seed` ([2] int32).
+
+    keras.random only takes tensor seeds on JAX; TensorFlow has its own
+    stateless sampler, and PyTorch (eager) seeds a generator from the values.
+    """
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        key = keras.ops.cast(seed, "uint32")  # a raw [2] uint32 key
+        return jax.random.categorical(key, logits, axis=-1).astype("int32")
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        # Gumbel-max: XLA has no stateless multinomial kernel, but has stateless uniform.
+        uniform = tf.random.stateless_uniform(
+            tf.shape(logits), seed=tf.cast(seed, tf.int64), minval=1e-20, maxval=1.0
+        )
+        return tf.cast(tf.argmax(logits - tf.math.log(-tf.math.log(uniform)), axis=-1), tf.int32)
+    import torch
+
+    first, second = (int(v) for v in seed.tolist())
+    generator = torch.Generator(device=logits.device).manual_seed((first * 1_000_003 + second) % (2**63))
+    probabilities = torch.softmax(logits.float(), dim=-1)
+    return torch.multinomial(probabilities, 1, generator=generator)[:, 0].to(torch.int32)

@@ -29,6 +29,18 @@ def prompt_bucket(longest, limit):
     return max(longest, min(bucket, limit))
 
 
+def left_pad(prompts, max_new_tokens, max_sequence_length):
+    """Prompts left-padded to their bucket: (ids [B, bucket], pad counts [B], bucket)."""
+    longest = max(len(p) for p in prompts)
+    bucket = prompt_bucket(longest, max_sequence_length - max_new_tokens)
+    padded = np.zeros((len(prompts), bucket), "int32")
+    padding = np.zeros((len(prompts),), "int32")
+    for row, prompt in enumerate(prompts):
+        padded[row, bucket - len(prompt) :] = prompt
+        padding[row] = bucket - len(prompt)
+    return padded, padding, bucket
+
+
 @dataclasses.dataclass
 class Generation:
     """New tokens per row (stop token excluded) with their log-probabilities."""
@@ -116,14 +128,9 @@ class Generator:
     # ---- host side ----------------------------------------------------------
     def run(self, prompts, max_new_tokens, sampler, stop_ids, seed, window, chunk=None):
         """Yield (tokens [B, n], logprobs [B, n], done [B]) after each chunk (one chunk if None)."""
-        config = self.model.config
-        longest = max(len(p) for p in prompts)
-        bucket = prompt_bucket(longest, config.max_sequence_length - max_new_tokens)
-        padded = np.zeros((len(prompts), bucket), "int32")
-        padding = np.zeros((len(prompts),), "int32")
-        for row, prompt in enumerate(prompts):
-            padded[row, bucket - len(prompt) :] = prompt
-            padding[row] = bucket - len(prompt)
+        padded, padding, bucket = left_pad(
+            prompts, max_new_tokens, self.model.config.max_sequence_length
+        )
         start, decode = self.functions(
             len(prompts), bucket, max_new_tokens, sampler, stop_ids, window
         )

@@ -7,8 +7,9 @@ Settings combine in the usual order: temperature, then top-k, top-p, min-p.
 
 import dataclasses
 
-import keras
 from keras import ops
+
+from keras_gemma2 import backend_utils
 
 _REMOVED = -1e30
 
@@ -59,7 +60,7 @@ class Sampler:
             probabilities = ops.softmax(logits, axis=-1)
             floor = self.min_p * ops.max(probabilities, axis=-1, keepdims=True)
             logits = ops.where(probabilities < floor, _REMOVED, logits)
-        return ops.cast(keras.random.categorical(logits, 1, seed=seed)[:, 0], "int32")
+        return backend_utils.stateless_categorical(logits, seed)
 
 
 SAMPLER_NAMES = ("greedy", "temperature", "top_k", "top_p", "min_p", "beam")

@@ -120,3 +120,23 @@ def train_test_sentencepiece(path, **overrides):
             os.remove(tmp)
         raise
     return path
+
+
+def randomize_weights(model, seed=0, scale=0.2, post_norm_scale=5.0):
+    """Random weights whose greedy continuations vary (every weight set, norms included).
+
+    With small weights a tied-embedding model just repeats a token; large
+    post-norm scales let the blocks, not the embedding, drive the next token.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for variable in model.backbone.weights:
+        if "/post_" in variable.path:
+            values = rng.normal(post_norm_scale, 0.5, variable.shape)
+        elif variable.path.endswith("scale"):
+            values = rng.normal(0.0, 0.5, variable.shape)
+        else:
+            values = rng.normal(0.0, scale, variable.shape)
+        variable.assign(values.astype("float32"))
+    return model

@@ -1,4 +1,4 @@
-"""`keras-gemma2` command line: inspect presets and score text."""
+"""`keras-gemma2` command line: presets, scoring, streaming generation and chat."""
 
 import argparse
 import json
@@ -40,6 +40,78 @@ def _score(args):
                           "perplexity": round(perplexity, 4)}))
 
 
+def _generation_kwargs(args):
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "sampler": args.sampler,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "min_p": args.min_p,
+        "seed": args.seed,
+        "sliding_window_size": args.sliding_window_size,
+    }
+
+
+def _load_for_text(args):
+    import keras_gemma2
+
+    model = keras_gemma2.from_preset(args.preset, dtype=args.dtype)
+    if model.tokenizer is None:
+        raise ValueError(f"Preset {args.preset!r} has no tokenizer; text generation needs one.")
+    return model
+
+
+def _generate(args):
+    model = _load_for_text(args)
+    for piece in model.generate(args.prompt, stream=True, **_generation_kwargs(args)):
+        print(piece, end="", flush=True)
+    print()
+
+
+def _chat(args):
+    model = _load_for_text(args)
+    messages = []
+    print("Chat with Gemma 2. /reset starts over, /exit (or Ctrl-D) quits.", flush=True)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print()
+            return
+        if line.strip() == "/exit":
+            return
+        if line.strip() == "/reset":
+            messages = []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        print("model> ", end="", flush=True)
+        reply = []
+        for piece in model.generate(prompt, stream=True, **_generation_kwargs(args)):
+            reply.append(piece)
+            print(piece, end="", flush=True)
+        print(flush=True)
+        messages.append({"role": "model", "content": "".join(reply)})
+
+
+def _add_generation_options(parser):
+    parser.add_argument("--preset", required=True, help="name, directory, kaggle:// or hf:// handle")
+    parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16, ...")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--sampler", default="greedy",
+                        help="greedy, temperature, top_k, top_p, min_p or beam")
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--min-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--sliding-window-size", type=int, default=None,
+                        help="inference-time window override (e.g. 2048)")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="keras-gemma2", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +128,15 @@ def build_parser():
     score.add_argument("-v", "--verbose", action="store_true", help="print every token's log-prob")
     score.add_argument("texts", nargs="+")
     score.set_defaults(run=_score)
+
+    generate = commands.add_parser("generate", help="continue a prompt, streaming the text")
+    _add_generation_options(generate)
+    generate.add_argument("prompt")
+    generate.set_defaults(run=_generate)
+
+    chat = commands.add_parser("chat", help="interactive multi-turn chat (instruction-tuned presets)")
+    _add_generation_options(chat)
+    chat.set_defaults(run=_chat)
     return parser
 
 

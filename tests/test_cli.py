@@ -1,0 +1,69 @@
+"""The keras-gemma2 command line, run in-process on a checkpoint written to disk."""
+
+import io
+import json
+
+import pytest
+
+from helpers import randomize_weights
+from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM, Gemma2Config, Gemma2Tokenizer
+from keras_gemma2.cli import main
+
+TINY = Gemma2Config.from_preset("gemma2_tiny_test")
+
+
+@pytest.fixture(scope="module")
+def preset(tmp_path_factory, sentencepiece_path):
+    model = randomize_weights(
+        Gemma2CausalLM(Gemma2Backbone(TINY), tokenizer=Gemma2Tokenizer(sentencepiece_path))
+    )
+    path = str(tmp_path_factory.mktemp("cli") / "preset")
+    model.save_to_preset(path)
+    return path, model
+
+
+def test_presets_and_info(capsys):
+    assert main(["presets"]) == 0
+    assert "gemma2_instruct_27b_en" in capsys.readouterr().out
+    assert main(["info", "--preset", "gemma2_27b_en"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameter_count"] == 27_227_128_320 and info["query_pre_attn_scalar"] == 144
+
+
+def test_score(preset, capsys):
+    path, model = preset
+    assert main(["score", "--preset", path, "def f(x):"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    expected = float(model.score(["def f(x):"])[0].sum())
+    assert line["log_prob"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_generate_streams_the_same_text_as_the_api(preset, capsys):
+    path, model = preset
+    assert main(["generate", "--preset", path, "--max-new-tokens", "8", "def add("]) == 0
+    expected = model.generate("def add(", max_new_tokens=8)
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_chat_is_multi_turn(preset, capsys, monkeypatch):
+    path, model = preset
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\nAnd then?\n/exit\n"))
+    assert main(["chat", "--preset", path, "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    first = model.chat([{"role": "user", "content": "Hello"}], max_new_tokens=6)
+    second = model.chat(
+        [
+            {"role": "user", "content": "Hello"},
+            {"role": "model", "content": first},
+            {"role": "user", "content": "And then?"},
+        ],
+        max_new_tokens=6,
+    )
+    assert f"model> {first}\n" in out and f"model> {second}\n" in out
+
+
+def test_errors_are_reported_not_raised(capsys):
+    assert main(["generate", "--preset", "gemma2_2b", "hi"]) == 2
+    assert "Did you mean 'gemma2_2b_en'" in capsys.readouterr().err
+    assert main(["generate", "--preset", "gemma2_tiny_test", "hi"]) == 2
+    assert "has no tokenizer" in capsys.readouterr().err

@@ -6,6 +6,7 @@ from keras_gemma2.backbone import Gemma2Backbone
 from keras_gemma2.causal_lm import Gemma2CausalLM
 from keras_gemma2.tokenizer import Gemma2Tokenizer
 from keras_gemma2.preset_registry import list_presets
+from keras_gemma2.samplers import BeamSearch, Sampler
 
 
 def from_preset(preset, dtype=None, load_weights=True, **config_overrides):

@@ -166,6 +166,15 @@ class Gemma2CausalLM(keras.Model):
         )[-1]
         return self._finish(request, tokens, logprobs, return_logprobs)
 
+    def kv_cache_bytes(self, batch_size, max_length, sliding_window_size=None):
+        """Bytes of the generation cache (compute dtype; sliding layers hold only their window)."""
+        from keras_gemma2 import kv_cache
+
+        config = self.config
+        if sliding_window_size is not None:
+            config = config.replace(sliding_window_size=sliding_window_size)
+        return kv_cache.cache_bytes(config, batch_size, max_length, self.backbone.compute_dtype)
+
     def chat(self, messages, **generate_kwargs):
         """The model's next turn for a conversation ([{"role", "content"}, ...])."""
         if self.tokenizer is None:

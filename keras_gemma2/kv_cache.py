@@ -34,7 +34,7 @@ def new_caches(config, batch_size, total_length, dtype):
 def cache_bytes(config, batch_size, total_length, dtype, sliding=True):
     """Bytes of the cache; `sliding=False` gives a full-length cache on every layer."""
     lengths = cache_lengths(config, total_length) if sliding else [total_length] * config.num_layers
-    itemsize = np.dtype("float32").itemsize if dtype == "float32" else 2
+    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[str(dtype)]
     per_slot = 2 * config.num_key_value_heads * config.head_dim * itemsize * batch_size
     return sum(lengths) * per_slot
 

@@ -265,3 +265,13 @@ def test_bad_generation_requests(inputs, kwargs, message):
 def test_empty_text_prompt(text_model):
     with pytest.raises(ValueError, match="Empty prompt"):
         text_model.generate("")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_generation_uses_a_compute_dtype_cache(dtype):
+    model = Gemma2CausalLM(Gemma2Backbone(TINY, dtype=dtype))
+    randomize_weights(model)
+    tokens = model.generate([[3, 4, 5]], max_new_tokens=6, stop_token_ids=())[0]
+    assert len(tokens) == 6 and (0 <= tokens).all() and (tokens < TINY.vocabulary_size).all()
+    assert model.kv_cache_bytes(1, 22) == kv_cache.cache_bytes(TINY, 1, 22, dtype)
+    assert model.kv_cache_bytes(1, 22) * 2 == kv_cache.cache_bytes(TINY, 1, 22, "float32")

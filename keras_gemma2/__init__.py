@@ -20,3 +20,15 @@ def from_preset(preset, dtype=None, load_weights=True, **config_overrides):
     return Gemma2CausalLM.from_preset(
         preset, dtype=dtype, load_weights=load_weights, **config_overrides
     )
+
+__all__ = [
+    "__version__",
+    "BeamSearch",
+    "Gemma2Backbone",
+    "Gemma2CausalLM",
+    "Gemma2Config",
+    "Gemma2Tokenizer",
+    "Sampler",
+    "from_preset",
+    "list_presets",
+]

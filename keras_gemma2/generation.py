@@ -9,12 +9,10 @@ emitted a stop token. Streaming runs the same compiled loop a chunk at a time.
 
 import dataclasses
 
-import keras
 import numpy as np
 from keras import ops
 
 from keras_gemma2 import backend_utils, kv_cache
-from keras_gemma2.samplers import BeamSearch, Sampler
 
 MIN_BUCKET = 16
 GEMMA_STOP_PIECES = ("<eos>", "<end_of_turn>")

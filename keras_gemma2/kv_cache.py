@@ -7,7 +7,6 @@ writes the same slot at each step; a row's positions are its slot indices
 minus its padding.
 """
 
-import numpy as np
 from keras import ops
 
 from keras_gemma2.layers import attention_mask

@@ -5,9 +5,10 @@ model graph, so it is the same for every Keras backend.
 """
 
 import os
-import tempfile
 
 import numpy as np
+
+from keras_gemma2.files import atomic_write
 
 _PAD, _EOS, _BOS, _UNK = "<pad>", "<eos>", "<bos>", "<unk>"
 _START_OF_TURN, _END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
@@ -99,26 +100,9 @@ class Gemma2Tokenizer:
         A temp file in the same directory is renamed over the target, so a
         crash never leaves a half-written model behind.
         """
-        directory = os.fspath(directory)
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, "tokenizer.model")
-        fd, tmp = tempfile.mkstemp(
-            dir=directory, prefix=".tokenizer.model.", suffix=".tmp"
-        )
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(self._proto_bytes)
-                f.flush()
-                os.fsync(f.fileno())
-            # mkstemp creates 0600; give the usual umask-based permissions.
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        path = os.path.join(os.fspath(directory), "tokenizer.model")
+        with atomic_write(path) as f:
+            f.write(self._proto_bytes)
         return path
 
     def __getstate__(self):

@@ -1,6 +1,5 @@
 """Shared tiny configs and fixtures for the whole suite."""
 
-import os
 
 import numpy as np
 import pytest

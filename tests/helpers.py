@@ -1,8 +1,9 @@
 """Test helpers that build small real artifacts instead of mocking them."""
 
 import io
+
+from keras_gemma2.files import atomic_write
 import os
-import tempfile
 
 # The real Gemma vocabulary is not downloadable in tests, so we train a tiny
 # SentencePiece model shaped like it: the same special pieces (looked up by
@@ -108,17 +109,8 @@ def train_test_sentencepiece(path, **overrides):
     spm.SentencePieceTrainer.train(
         sentence_iterator=_corpus(), model_writer=model, **options
     )
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path) as f:
+        f.write(model.getvalue())
     return path
 
 

@@ -7,7 +7,7 @@ import pytest
 from helpers import randomize_weights
 from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM, Gemma2Config, Gemma2Tokenizer
 from keras_gemma2 import backend_utils, kv_cache
-from keras_gemma2.samplers import BeamSearch, Sampler
+from keras_gemma2.samplers import BeamSearch
 
 TINY = Gemma2Config.from_preset("gemma2_tiny_test")  # sliding window 4
 WINDOW = TINY.sliding_window_size

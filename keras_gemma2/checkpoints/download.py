@@ -1,6 +1,5 @@
 """Fetching `kaggle://` and `hf://` handles (kagglehub / huggingface_hub show progress)."""
 
-import os
 
 
 class DownloadError(RuntimeError):

@@ -11,6 +11,8 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from keras_gemma2.files import atomic_write
+
 DTYPES = {
     "F64": np.dtype("float64"),
     "F32": np.dtype("float32"),
@@ -97,17 +99,11 @@ def write_file(path, tensors, metadata=None):
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned
-    temporary = f"{path}.partial"
-    try:
-        with open(temporary, "wb") as f:
-            f.write(struct.pack("<Q", len(encoded)))
-            f.write(encoded)
-            for array in arrays.values():
-                f.write(array.tobytes(order="C"))
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    with atomic_write(path) as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for array in arrays.values():
+            f.write(array.reshape(-1).view(np.uint8))  # no copy, any dtype
 
 
 def parse_size(size):
@@ -159,10 +155,8 @@ def write_sharded(directory, tensors, shapes_and_sizes, max_shard_size, prefix="
 
 
 def write_json(path, data):
-    temporary = f"{path}.partial"
-    with open(temporary, "w") as f:
+    with atomic_write(path, "w") as f:
         json.dump(data, f, indent=2)
-    os.replace(temporary, path)
 
 
 class SafetensorsCheckpoint:

@@ -97,6 +97,20 @@ def _chat(args):
         messages.append({"role": "model", "content": "".join(reply)})
 
 
+def _merge(args):
+    from keras_gemma2 import merging
+
+    if args.base is not None:
+        if len(args.presets) != 1:
+            raise ValueError("--base interpolates one preset toward a base; pass exactly one preset.")
+        model = merging.interpolate(args.presets[0], args.base, args.alpha, dtype=args.dtype)
+    else:
+        weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+        model = merging.average_checkpoints(args.presets, weights=weights, dtype=args.dtype)
+    model.save_to_preset(args.out)
+    print(f"wrote merged model to {args.out}")
+
+
 def _add_generation_options(parser):
     parser.add_argument("--preset", required=True, help="name, directory, kaggle:// or hf:// handle")
     parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16, ...")
@@ -137,6 +151,17 @@ def build_parser():
     chat = commands.add_parser("chat", help="interactive multi-turn chat (instruction-tuned presets)")
     _add_generation_options(chat)
     chat.set_defaults(run=_chat)
+
+    merge = commands.add_parser(
+        "merge", help="average checkpoints of one architecture, or interpolate toward a base"
+    )
+    merge.add_argument("presets", nargs="+")
+    merge.add_argument("--out", required=True, help="new preset directory (must not exist)")
+    merge.add_argument("--weights", default=None, help="comma-separated, e.g. 0.5,0.3,0.2")
+    merge.add_argument("--base", default=None, help="interpolate: base + alpha * (preset - base)")
+    merge.add_argument("--alpha", type=float, default=0.5)
+    merge.add_argument("--dtype", default=None)
+    merge.set_defaults(run=_merge)
     return parser
 
 

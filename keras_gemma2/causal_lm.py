@@ -318,6 +318,32 @@ class Gemma2CausalLM(keras.Model):
             if found:
                 return
 
+    # ---- LoRA -------------------------------------------------------------
+    def enable_lora(self, rank, target_layers=("query", "value"), alpha=None):
+        """Freeze the model; add trainable rank-`rank` adapters to each block's projections.
+
+        `target_layers`: any of query, key, value, attention_output, gate, up, down.
+        """
+        from keras_gemma2 import lora
+
+        lora.enable_lora(self, rank, target_layers, alpha)
+
+    def save_lora_weights(self, path):
+        from keras_gemma2 import lora
+
+        lora.save_lora_weights(self, path)
+
+    def load_lora_weights(self, path):
+        from keras_gemma2 import lora
+
+        lora.load_lora_weights(self, path)
+
+    def merge_lora(self):
+        """A new model with the adapters folded into the kernels."""
+        from keras_gemma2 import lora
+
+        return lora.merge_lora(self)
+
     # ---- presets --------------------------------------------------------
     @classmethod
     def from_preset(cls, preset, dtype=None, **kwargs):

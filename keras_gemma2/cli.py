@@ -111,6 +111,91 @@ def _merge(args):
     print(f"wrote merged model to {args.out}")
 
 
+def _model_with_tokenizer(preset, tokenizer_path, dtype, role="model", fallback=None):
+    """A causal LM from a preset or a JSON config file, with a tokenizer attached."""
+    import json
+    import os
+
+    import keras_gemma2
+
+    if preset.endswith(".json") and os.path.isfile(preset):
+        with open(preset) as f:
+            config = keras_gemma2.Gemma2Config.from_dict(json.load(f))
+        model = keras_gemma2.Gemma2CausalLM(keras_gemma2.Gemma2Backbone(config, dtype=dtype))
+    else:
+        model = keras_gemma2.from_preset(preset, dtype=dtype)
+    if tokenizer_path:
+        model.tokenizer = keras_gemma2.Gemma2Tokenizer(tokenizer_path)
+    if model.tokenizer is None:
+        model.tokenizer = fallback
+    if model.tokenizer is None:
+        raise ValueError(f"The {role} {preset!r} has no tokenizer; pass --tokenizer PATH.")
+    return model
+
+
+def _run_training(args, model, student):
+    from keras_gemma2 import data, training
+
+    texts = data.read_texts(args.data)
+    stream = data.token_stream(student.tokenizer, texts)
+    eval_batches = None
+    if args.eval_data:
+        eval_stream = data.token_stream(student.tokenizer, data.read_texts(args.eval_data))
+        eval_batches = data.evaluation_batches(eval_stream, args.batch_size, args.sequence_length,
+                                               max_batches=args.eval_batches)
+    history = training.train(
+        model, stream, args.steps, args.batch_size, args.sequence_length,
+        checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+        eval_batches=eval_batches, eval_every=args.eval_every, seed=args.seed or 0,
+    )
+    if args.plot:
+        training.plot_history(history, args.plot, title=f"keras-gemma2 {args.command}")
+        print(f"wrote {args.plot}")
+    if args.out:
+        student.save_to_preset(args.out)
+        print(f"wrote {args.out}")
+
+
+def _train(args):
+    import keras
+
+    model = _model_with_tokenizer(args.preset, args.tokenizer, args.dtype)
+    model.compile(optimizer=keras.optimizers.AdamW(args.learning_rate, weight_decay=0.01))
+    _run_training(args, model, model)
+
+
+def _distill(args):
+    import keras
+
+    from keras_gemma2.distillation import Distiller
+
+    teacher = _model_with_tokenizer(args.teacher, args.tokenizer, args.dtype, role="teacher")
+    # The student shares the teacher's tokenizer (distillation needs one vocabulary).
+    student = _model_with_tokenizer(args.student, None, args.dtype, fallback=teacher.tokenizer)
+    distiller = Distiller(teacher, student, temperature=args.temperature,
+                          hard_label_weight=args.hard_label_weight)
+    distiller.compile(optimizer=keras.optimizers.AdamW(args.learning_rate, weight_decay=0.01))
+    _run_training(args, distiller, student)
+
+
+def _add_training_options(parser):
+    parser.add_argument("--data", nargs="+", required=True, help="training text files")
+    parser.add_argument("--eval-data", nargs="*", default=None, help="held-out text files")
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--sequence-length", type=int, default=128)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--checkpoint-dir", default=None)
+    parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--eval-every", type=int, default=None)
+    parser.add_argument("--eval-batches", type=int, default=None)
+    parser.add_argument("--tokenizer", default=None, help="SentencePiece model if the preset has none")
+    parser.add_argument("--plot", default=None, help="write the loss curve to this PNG")
+    parser.add_argument("--out", default=None, help="save the trained model as a preset here")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default=None)
+
+
 def _add_generation_options(parser):
     parser.add_argument("--preset", required=True, help="name, directory, kaggle:// or hf:// handle")
     parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16, ...")
@@ -151,6 +236,19 @@ def build_parser():
     chat = commands.add_parser("chat", help="interactive multi-turn chat (instruction-tuned presets)")
     _add_generation_options(chat)
     chat.set_defaults(run=_chat)
+
+    train = commands.add_parser("train", help="next-token training on text files")
+    train.add_argument("--preset", required=True, help="preset, directory, or JSON config file")
+    _add_training_options(train)
+    train.set_defaults(run=_train)
+
+    distill = commands.add_parser("distill", help="train a student on a teacher's distributions")
+    distill.add_argument("--teacher", required=True, help="teacher preset or directory")
+    distill.add_argument("--student", required=True, help="student preset, directory, or JSON config")
+    distill.add_argument("--temperature", type=float, default=1.0)
+    distill.add_argument("--hard-label-weight", type=float, default=0.0)
+    _add_training_options(distill)
+    distill.set_defaults(run=_distill)
 
     merge = commands.add_parser(
         "merge", help="average checkpoints of one architecture, or interpolate toward a base"

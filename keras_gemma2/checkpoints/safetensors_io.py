@@ -84,7 +84,8 @@ class SafetensorsFile:
 
 def write_file(path, tensors, metadata=None):
     """Write `{name: array or zero-argument callable}` to `path` atomically."""
-    arrays = {name: np.ascontiguousarray(t() if callable(t) else t) for name, t in tensors.items()}
+    # asarray(order="C") keeps 0-d arrays 0-d (ascontiguousarray would make them 1-d).
+    arrays = {name: np.asarray(t() if callable(t) else t, order="C") for name, t in tensors.items()}
     header, offset = {}, 0
     for name, array in arrays.items():
         if array.dtype not in DTYPE_NAMES:

@@ -133,18 +133,18 @@ def _model_with_tokenizer(preset, tokenizer_path, dtype, role="model", fallback=
     return model
 
 
-def _run_training(args, model, student):
+def _run_training(args, model, student, batches=None):
     from keras_gemma2 import data, training
 
-    texts = data.read_texts(args.data)
-    stream = data.token_stream(student.tokenizer, texts)
+    if batches is None:
+        batches = data.token_stream(student.tokenizer, data.read_texts(args.data))
     eval_batches = None
     if args.eval_data:
         eval_stream = data.token_stream(student.tokenizer, data.read_texts(args.eval_data))
         eval_batches = data.evaluation_batches(eval_stream, args.batch_size, args.sequence_length,
                                                max_batches=args.eval_batches)
     history = training.train(
-        model, stream, args.steps, args.batch_size, args.sequence_length,
+        model, batches, args.steps, args.batch_size, args.sequence_length,
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
         eval_batches=eval_batches, eval_every=args.eval_every, seed=args.seed or 0,
     )
@@ -172,9 +172,23 @@ def _distill(args):
     teacher = _model_with_tokenizer(args.teacher, args.tokenizer, args.dtype, role="teacher")
     # The student shares the teacher's tokenizer (distillation needs one vocabulary).
     student = _model_with_tokenizer(args.student, None, args.dtype, fallback=teacher.tokenizer)
+    optimizer = keras.optimizers.AdamW(args.learning_rate, weight_decay=0.01)
+    if args.offline_store:
+        from keras_gemma2 import data, offline_distillation
+
+        stream = data.token_stream(teacher.tokenizer, data.read_texts(args.data))
+        offline_distillation.build_store(
+            teacher, stream, args.offline_store, args.top_k, args.steps, args.batch_size,
+            args.sequence_length, seed=args.seed, log=sys.stdout,
+        )
+        print()
+        distiller = offline_distillation.OfflineDistiller(student, teacher.config.vocabulary_size)
+        distiller.compile(optimizer=optimizer)
+        _run_training(args, distiller, student, offline_distillation.Store(args.offline_store))
+        return
     distiller = Distiller(teacher, student, temperature=args.temperature,
                           hard_label_weight=args.hard_label_weight)
-    distiller.compile(optimizer=keras.optimizers.AdamW(args.learning_rate, weight_decay=0.01))
+    distiller.compile(optimizer=optimizer)
     _run_training(args, distiller, student)
 
 
@@ -247,6 +261,9 @@ def build_parser():
     distill.add_argument("--student", required=True, help="student preset, directory, or JSON config")
     distill.add_argument("--temperature", type=float, default=1.0)
     distill.add_argument("--hard-label-weight", type=float, default=0.0)
+    distill.add_argument("--offline-store", default=None,
+                         help="precompute the teacher's top-k to this folder, then train from it")
+    distill.add_argument("--top-k", type=int, default=64, help="tokens kept per position offline")
     _add_training_options(distill)
     distill.set_defaults(run=_distill)
 

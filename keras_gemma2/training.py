@@ -110,7 +110,7 @@ def perplexity(causal_lm, batches):
 # ---- the loop -------------------------------------------------------------------------
 def train(
     model,
-    stream,
+    batches,
     steps,
     batch_size,
     sequence_length,
@@ -121,7 +121,11 @@ def train(
     seed=0,
     log=None,
 ):
-    """Train `model` (compiled) for `steps` steps on windows of `stream`; resume if possible.
+    """Train `model` (compiled) for `steps` steps; resume from `checkpoint_dir` if possible.
+
+    `batches`: a token stream (random windows of it are drawn, a pure function
+    of the step) or a callable `step -> batch dict` (e.g. an offline
+    distillation store).
 
     Returns the history: a list of {"step", "loss", "tokens_per_second"} and
     {"step", "eval_perplexity"} records.
@@ -142,7 +146,10 @@ def train(
             print(f"resumed from step {start} ({checkpoint_dir})", file=log, flush=True)
     began, tokens = time.time(), 0
     for step in range(start, steps):
-        batch = batch_at(stream, step, batch_size, sequence_length, seed)
+        if callable(batches):
+            batch = batches(step)
+        else:
+            batch = batch_at(batches, step, batch_size, sequence_length, seed)
         loss = model.train_on_batch(batch, return_dict=True)["loss"]
         tokens += batch_size * sequence_length
         rate = tokens / max(time.time() - began, 1e-9)

@@ -179,3 +179,18 @@ def test_train_and_distill_commands(sentencepiece_path, text_files, tmp_path, ca
 
     student = keras_gemma2.from_preset(student_dir)
     assert student.config.num_layers == 2 and student.tokenizer is not None
+
+
+def test_offline_distill_command(sentencepiece_path, text_files, tmp_path):
+    train_file, _ = text_files
+    teacher_dir = str(tmp_path / "teacher")
+    assert main(["train", "--preset", "gemma2_tiny_test", "--tokenizer", sentencepiece_path,
+                 "--data", train_file, "--steps", "2", "--batch-size", "2",
+                 "--sequence-length", "16", "--out", teacher_dir]) == 0
+    store = str(tmp_path / "store")
+    assert main(["distill", "--teacher", teacher_dir, "--student", "gemma2_tiny_27b_style_test",
+                 "--data", train_file, "--steps", "3", "--batch-size", "2", "--sequence-length",
+                 "16", "--offline-store", store, "--top-k", "5"]) == 0
+    assert sorted(f for f in os.listdir(store) if f.startswith("batch_")) == [
+        "batch_0000000.safetensors", "batch_0000001.safetensors", "batch_0000002.safetensors"
+    ]

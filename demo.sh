@@ -1,14 +1,11 @@
 #!/usr/bin/env bash
-# Sets up (first run) and runs the main job: load a Gemma 2 checkpoint from disk and score text.
-# Pass a checkpoint folder (KerasHub or transformers format) to use your own, e.g. a downloaded
-# google/gemma-2-2b: `bash demo.sh /path/to/gemma-2-2b`.
+# Sets up (first run) and runs the main job: the shipped, distilled demo Gemma 2 (trained on Python's
+# standard library, ships inside the package) continues a prompt, offline, streaming.
+# `bash demo.sh "prompt"` uses your prompt; `bash demo.sh "prompt" --preset /path/to/gemma-2-2b`
+# uses a real checkpoint folder (KerasHub or transformers format).
 set -euo pipefail
 cd "$(dirname "$0")"
 bash setup.sh
-checkpoint=${1:-}
-if [ -z "$checkpoint" ]; then
-  checkpoint=.demo/tiny_gemma2
-  .venv/bin/python tests/make_checkpoint.py "$checkpoint"
-fi
-.venv/bin/keras-gemma2 info --preset gemma2_2b_en | head -n 20
-.venv/bin/keras-gemma2 score --preset "$checkpoint" -v "def add(a, b): return a + b" "Hello, world!"
+prompt=${1:-"def "}
+shift || true
+.venv/bin/keras-gemma2 generate --preset gemma2_demo --max-new-tokens 80 "$@" "$prompt"

@@ -26,10 +26,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 VOCABULARY_SIZE = 2048
-TEACHER = dict(vocabulary_size=VOCABULARY_SIZE, num_layers=6, hidden_dim=256, intermediate_dim=768,
-               num_query_heads=4, num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64,
+TEACHER = dict(vocabulary_size=VOCABULARY_SIZE, num_layers=4, hidden_dim=192, intermediate_dim=576,
+               num_query_heads=4, num_key_value_heads=2, head_dim=48, query_pre_attn_scalar=48,
                sliding_window_size=64, max_sequence_length=512)
-STUDENT = dict(TEACHER, num_layers=3, hidden_dim=128, intermediate_dim=384, num_query_heads=2,
+STUDENT = dict(TEACHER, num_layers=2, hidden_dim=96, intermediate_dim=288, num_query_heads=2,
                num_key_value_heads=1)
 
 
@@ -77,8 +77,8 @@ def train_tokenizer(texts, path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "distillation"))
-    parser.add_argument("--teacher-steps", type=int, default=1500)
-    parser.add_argument("--student-steps", type=int, default=1500)
+    parser.add_argument("--teacher-steps", type=int, default=1000)
+    parser.add_argument("--student-steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--sequence-length", type=int, default=128)
     parser.add_argument("--eval-tokens", type=int, default=60000, help="held-out tokens scored")

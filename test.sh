@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 bash setup.sh
+.venv/bin/python -m pyflakes keras_gemma2 tests   # unused imports, undefined names
 status=0
 for backend in jax tensorflow torch; do
   echo "=== KERAS_BACKEND=$backend ==="

@@ -1,0 +1,608 @@
+"""Generation speed of keras_gemma2 (jax / tensorflow / torch) against keras-hub and transformers.
+
+    PYTHONPATH=. python benchmarks/generate.py [--repeats 3] [--prompt 64] [--new 32] [--threads auto]
+
+One ~150M-parameter Gemma 2 with random float32 weights (vocabulary 32000, so it fits a
+small CPU) is written once, in a temporary directory, as a KerasHub preset. Every system
+loads those same weights:
+
+* keras_gemma2 reads the KerasHub preset (`keras_gemma2.from_preset(dir)`), once per Keras
+  backend, each in its own process (a process has one backend);
+* keras-hub builds `GemmaBackbone.from_preset(dir)` and a `GemmaCausalLM` without a
+  preprocessor (jax backend), fed already tokenized, right-padded prompts;
+* transformers loads the transformers-format copy that keras_gemma2's `save_to_preset`
+  writes (`Gemma2ForCausalLM`, eager attention, torch.no_grad).
+
+Same method for every system: TTFT is the median wall time of `generate` with one new
+token (prefill + first token); decode speed is rows * (N - 1) / (t(N) - t(1)). The first
+call of each shape is a warm-up (compilation for the jitted systems) and is reported on its
+own. keras_gemma2 additionally reports its own prefill / decode-loop split. Prints one
+markdown table, writes it to benchmarks/results/generate.md, and checks that greedy tokens
+agree across systems.
+"""
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+RESULTS = os.path.join(HERE, "results", "generate.md")
+
+# ~150M parameters: 24.6M embedding (tied) + 12 x 10.3M.
+MODEL = dict(
+    vocabulary_size=32000,
+    num_layers=12,
+    hidden_dim=768,
+    intermediate_dim=3456,  # per branch (keras-hub stores 2 x 3456)
+    num_query_heads=8,
+    num_key_value_heads=4,
+    head_dim=128,
+    query_pre_attn_scalar=128,
+    sliding_window_size=64,  # < prompt + new tokens: the ring cache is exercised
+)
+SEED = 0
+BATCHES = (1, 8)
+
+# (label, process kind, keras backend or None)
+SYSTEMS = (
+    ("keras_gemma2 jax (jit)", "ours", "jax"),
+    ("keras_gemma2 tensorflow (XLA)", "ours", "tensorflow"),
+    ("keras_gemma2 torch (eager)", "ours", "torch"),
+    ("keras-hub GemmaCausalLM jax (jit)", "kerashub", "jax"),
+    ("transformers Gemma2ForCausalLM torch (eager)", "transformers", None),
+)
+KERASHUB = SYSTEMS[3][0]
+TRANSFORMERS = SYSTEMS[4][0]
+
+
+# ---- helpers shared by the worker processes ---------------------------------------
+def prompts(batch, length, vocabulary_size):
+    """The same random prompts for every system (row 0 is the batch-1 prompt)."""
+    import numpy as np
+
+    rng = np.random.default_rng(1234)
+    return rng.integers(2, vocabulary_size, (max(BATCHES), length)).astype("int32")[:batch]
+
+
+def measure(generate, args, vocabulary_size, compiled=True):
+    """Warm-up and timed calls of `generate(ids [B, P], new) -> tokens [B, new]` per batch.
+
+    Compiled systems warm up on both shapes (1 and N new tokens: each is a compilation);
+    eager ones on one short call (their first call only initializes kernels).
+    """
+    import numpy as np
+
+    out = {}
+    for batch in BATCHES:
+        ids = prompts(batch, args.prompt, vocabulary_size)
+        warm = {}
+        for new in (1, args.new) if compiled else (2,):
+            begin = time.perf_counter()
+            generate(ids, new)
+            warm[new] = time.perf_counter() - begin
+        times = {1: [], args.new: []}
+        for _ in range(args.repeats):
+            for new in (1, args.new):
+                begin = time.perf_counter()
+                tokens_now = generate(ids, new)
+                times[new].append(time.perf_counter() - begin)
+                if new == args.new:
+                    tokens = tokens_now
+        out[batch] = {
+            "compiled": compiled,
+            "warmup_s": warm,
+            "t1_s": times[1],
+            "tN_s": times[args.new],
+            "tokens": np.asarray(tokens).astype(int).tolist(),
+        }
+    return out
+
+
+def worker_ours(args):
+    import keras
+    import numpy as np
+
+    import keras_gemma2
+    from keras_gemma2 import generation
+    from keras_gemma2.samplers import Sampler
+
+    if keras.backend.backend() == "torch":
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    begin = time.perf_counter()
+    model = keras_gemma2.from_preset(args.kerashub_dir, dtype="float32")
+    load_s = time.perf_counter() - begin
+    config = model.config
+
+    def generate(ids, new):
+        rows = model.generate([list(r) for r in ids], max_new_tokens=new, stop_token_ids=())
+        return np.stack(rows)
+
+    compiled = keras.backend.backend() != "torch"
+    result = {"load_s": load_s, "batches": measure(generate, args, config.vocabulary_size, compiled)}
+    result["compilations"] = model.generator.compilations
+
+    # keras_gemma2's own split: the prefill function, then the compiled decode loop.
+    split = {}
+    sampler = Sampler(greedy=True)
+    for batch in BATCHES:
+        ids = prompts(batch, args.prompt, config.vocabulary_size)
+        padded, padding, bucket = generation.left_pad(
+            [list(r) for r in ids], args.new, config.max_sequence_length
+        )
+        start, decode = model.generator.functions(
+            batch, bucket, args.new, sampler, (), config.sliding_window_size
+        )
+        seed = keras.ops.convert_to_tensor(np.int32(0))
+        stop_at = keras.ops.convert_to_tensor(np.int32(args.new))
+        prefill_s, decode_s = [], []
+        for _ in range(args.split_repeats):
+            t0 = time.perf_counter()
+            state = start(keras.ops.convert_to_tensor(padded), keras.ops.convert_to_tensor(padding))
+            keras.ops.convert_to_numpy(state["logits"])
+            t1 = time.perf_counter()
+            state = decode(state, seed, stop_at)
+            keras.ops.convert_to_numpy(state["tokens"])
+            t2 = time.perf_counter()
+            prefill_s.append(t1 - t0)
+            decode_s.append(t2 - t1)
+        split[batch] = {"bucket": bucket, "prefill_s": prefill_s, "decode_s": decode_s}
+    result["split"] = split
+    return result
+
+
+def _zero_initializers():
+    """Random initializers replaced by zeros while keras-hub builds (all weights get assigned)."""
+    import contextlib
+
+    import keras
+
+    @contextlib.contextmanager
+    def patched():
+        original = keras.initializers.VarianceScaling.__call__
+        keras.initializers.VarianceScaling.__call__ = lambda self, shape, dtype=None: keras.ops.zeros(
+            shape, dtype=dtype
+        )
+        try:
+            yield
+        finally:
+            keras.initializers.VarianceScaling.__call__ = original
+
+    return patched()
+
+
+def kerashub_kwargs():
+    return dict(
+        vocabulary_size=MODEL["vocabulary_size"],
+        num_layers=MODEL["num_layers"],
+        num_query_heads=MODEL["num_query_heads"],
+        num_key_value_heads=MODEL["num_key_value_heads"],
+        hidden_dim=MODEL["hidden_dim"],
+        intermediate_dim=2 * MODEL["intermediate_dim"],
+        head_dim=MODEL["head_dim"],
+        query_head_dim_normalize=True,  # query_pre_attn_scalar = head_dim
+        use_post_ffw_norm=True,
+        use_post_attention_norm=True,
+        attention_logit_soft_cap=50.0,
+        final_logit_soft_cap=30.0,
+        use_sliding_window_attention=True,
+        sliding_window_size=MODEL["sliding_window_size"],
+    )
+
+
+def prepare(args):
+    """(jax) Write the random KerasHub preset, its transformers copy, and static facts."""
+    import keras_hub
+    import numpy as np
+
+    import keras_gemma2
+    from keras_gemma2 import kv_cache
+
+    with _zero_initializers():
+        backbone = keras_hub.models.GemmaBackbone(dtype="float32", **kerashub_kwargs())
+    # With small random weights the tied embedding makes every greedy generation repeat the
+    # last prompt token (the residual stream is mostly the input embedding), which would make
+    # the agreement check trivial. Large post-norm scales (applied as 1 + w) let the blocks
+    # dominate the residual stream, so the generations are varied and use the ring cache.
+    rng = np.random.default_rng(SEED)
+    for variable in backbone.weights:
+        if variable.path.endswith("embeddings"):
+            mean, std = 0.0, 0.05
+        elif len(variable.shape) == 1:
+            mean, std = (5.0 if "/post_" in variable.path else 0.0), 0.1
+        else:
+            mean, std = 0.0, 0.05
+        variable.assign(rng.normal(mean, std, variable.shape).astype("float32"))
+    backbone.save_to_preset(args.kerashub_dir)
+    parameters = int(sum(np.prod(v.shape) for v in backbone.weights))
+    del backbone
+
+    model = keras_gemma2.from_preset(args.kerashub_dir, dtype="float32")
+    model.save_to_preset(args.hf_dir)
+    config = model.config
+    real = keras_gemma2.Gemma2Config.from_preset("gemma2_2b_en")
+    context = 8192
+    return {
+        "config": config.to_dict(),
+        "parameter_count": config.parameter_count(),
+        "kerashub_parameters": parameters,
+        "weight_bytes": config.parameter_count() * 4,
+        "kv_2b": {
+            "layers": real.num_layers,
+            "window": real.sliding_window_size,
+            "context": context,
+            "sliding": kv_cache.cache_bytes(real, 1, context, "bfloat16", sliding=True),
+            "full": kv_cache.cache_bytes(real, 1, context, "bfloat16", sliding=False),
+        },
+    }
+
+
+def worker_kerashub(args):
+    import keras_hub
+    import numpy as np
+
+    begin = time.perf_counter()
+    backbone = keras_hub.models.GemmaBackbone.from_preset(args.kerashub_dir)
+    model = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
+    model.compile(sampler="greedy")
+    load_s = time.perf_counter() - begin
+
+    def generate(ids, new):
+        batch, length = ids.shape
+        token_ids = np.zeros((batch, length + new), "int32")  # max_length = prompt + new
+        token_ids[:, :length] = ids
+        padding_mask = np.zeros_like(token_ids)
+        padding_mask[:, :length] = 1
+        out = model.generate(
+            {"token_ids": token_ids, "padding_mask": padding_mask}, stop_token_ids=None
+        )
+        return np.asarray(out["token_ids"])[:, length:]
+
+    return {"load_s": load_s, "batches": measure(generate, args, MODEL["vocabulary_size"])}
+
+
+def worker_transformers(args):
+    import torch
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    begin = time.perf_counter()
+    model = transformers.Gemma2ForCausalLM.from_pretrained(
+        args.hf_dir, attn_implementation="eager", dtype=torch.float32
+    )
+    model.eval()
+    load_s = time.perf_counter() - begin
+
+    def generate(ids, new):
+        input_ids = torch.from_numpy(ids.astype("int64"))
+        with torch.no_grad():
+            out = model.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                do_sample=False,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                pad_token_id=0,
+                eos_token_id=None,  # the others ignore stop tokens too; nothing suppressed
+            )
+        return out[:, ids.shape[1]:].numpy()
+
+    result = {"load_s": load_s, "batches": measure(generate, args, MODEL["vocabulary_size"], False)}
+    result["threads"] = torch.get_num_threads()
+    result["cache"] = str(getattr(model.generation_config, "cache_implementation", None))
+    return result
+
+
+def limit_threads(threads):
+    """Run on `threads` CPUs: every framework sizes its thread pools from the affinity mask."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if cpus and threads < len(cpus):
+        os.sched_setaffinity(0, cpus[:threads])
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = str(threads)
+
+
+def worker_bandwidth(args):
+    return {"read_gbs_copy_gbs": bandwidth(args.weight_bytes)}
+
+
+def worker(args):
+    kind = args.worker
+    limit_threads(args.threads)
+    run = {"prepare": prepare, "ours": worker_ours, "kerashub": worker_kerashub,
+           "transformers": worker_transformers, "bandwidth": worker_bandwidth}[kind]
+    result = run(args)
+    with open(args.output, "w") as f:
+        json.dump(result, f)
+
+
+# ---- the driver (no deep-learning framework imported here) ---------------------------
+def bandwidth(weight_bytes):
+    """Memory read bandwidth (GB/s): best of a float32 matvec over a weight-sized matrix."""
+    import numpy as np
+
+    columns = 4096
+    rows = max(1, weight_bytes // 4 // columns)
+    matrix = np.random.default_rng(0).standard_normal((rows, columns), dtype="float32")
+    vector = np.ones(columns, "float32")
+    target = np.empty_like(matrix)
+    best_matvec = min(_timed(lambda: matrix @ vector) for _ in range(7))
+    best_copy = min(_timed(lambda: np.copyto(target, matrix)) for _ in range(5))
+    return matrix.nbytes / best_matvec / 1e9, 2 * matrix.nbytes / best_copy / 1e9
+
+
+def _timed(fn):
+    begin = time.perf_counter()
+    fn()
+    return time.perf_counter() - begin
+
+
+def spawn(kind, backend, args, directory, label):
+    output = os.path.join(directory, f"{kind}-{backend}.json")
+    command = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--output", output,
+               "--kerashub-dir", args.kerashub_dir, "--hf-dir", args.hf_dir,
+               "--threads", str(args.threads), "--weight-bytes", str(args.weight_bytes),
+               "--repeats", str(args.repeats), "--split-repeats", str(args.split_repeats), "--prompt", str(args.prompt), "--new", str(args.new)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    if backend:
+        env["KERAS_BACKEND"] = backend
+    begin, busy, ours = time.perf_counter(), busy_cpu_seconds(), own_cpu_seconds()
+    process = subprocess.run(command, env=env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - begin
+    # Cores kept busy by other processes while this one ran (0 on an idle machine).
+    foreign = max(0.0, (busy_cpu_seconds() - busy) - (own_cpu_seconds() - ours)) / elapsed
+    if process.returncode != 0:
+        print(f"[{label}] FAILED (exit {process.returncode}) after {elapsed:.0f} s:", flush=True)
+        print("\n".join(process.stderr.strip().splitlines()[-25:]), flush=True)
+        return None
+    print(f"[{label}] done in {elapsed:.0f} s; other processes used {foreign:.2f} of "
+          f"{os.cpu_count()} cores meanwhile", flush=True)
+    with open(output) as f:
+        result = json.load(f)
+    result["foreign_cores"] = foreign
+    return result
+
+
+def foreign_cores(seconds):
+    """Cores other processes keep busy, sampled over `seconds` while this one sleeps."""
+    busy, ours = busy_cpu_seconds(), own_cpu_seconds()
+    time.sleep(seconds)
+    return max(0.0, (busy_cpu_seconds() - busy) - (own_cpu_seconds() - ours)) / seconds
+
+
+def busy_cpu_seconds():
+    """Machine-wide non-idle CPU time (Linux /proc/stat), in seconds; 0 elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds():
+    """CPU time of this process and its finished children."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
+def median(values):
+    values = sorted(values)
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+
+def summarize(result, batch, new):
+    entry = result["batches"][str(batch)]
+    t1, tn = median(entry["t1_s"]), median(entry["tN_s"])
+    return {
+        "ttft_ms": 1000 * t1,
+        "decode_tps": batch * (new - 1) / (tn - t1) if tn > t1 else float("nan"),
+        "warmup_s": (
+            entry["warmup_s"][str(1)] + entry["warmup_s"][str(new)] - t1 - tn
+            if entry["compiled"] else None
+        ),
+        "tokens": entry["tokens"],
+        "spread": max(entry["tN_s"]) / min(entry["tN_s"]) - 1,
+    }
+
+
+def agreement(tokens, reference):
+    """(total matching tokens, total tokens, shortest matching prefix over rows)."""
+    matching = total = 0
+    prefix = None
+    for row, ref in zip(tokens, reference):
+        same = [a == b for a, b in zip(row, ref)]
+        matching += sum(same)
+        total += len(ref)
+        first_diff = same.index(False) if False in same else len(same)
+        prefix = first_diff if prefix is None else min(prefix, first_diff)
+    return matching, total, prefix
+
+
+def atomic_write(path, text):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=".generate-", suffix=".md", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(handle, "w") as f:
+            f.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def main(args):
+    lines = []
+
+    def say(line=""):
+        print(line, flush=True)
+        lines.append(line)
+
+    started = time.perf_counter()
+    command = "cd " + shlex.quote(os.getcwd()) + " && " + " ".join(
+        shlex.quote(part) for part in ([("PYTHONPATH=" + os.environ["PYTHONPATH"])] if os.environ.get("PYTHONPATH") else [])
+        + [sys.executable] + sys.argv
+    )
+    say(f"Command: `{command}`")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    foreign = foreign_cores(2.0)
+    if args.threads == "auto":
+        args.threads = max(1, min(cores, round(cores - foreign)))
+        why = f"auto: other processes were using {foreign:.2f} cores"
+    else:
+        args.threads = int(args.threads)
+        why = f"--threads; other processes were using {foreign:.2f} cores"
+    say(f"Machine: {cores} CPU cores, load average at start "
+        + " / ".join(f"{x:.2f}" for x in os.getloadavg())
+        + f"; every system (and the bandwidth probe) runs on {args.threads} CPU(s) ({why})")
+    say(f"Model: {json.dumps(MODEL)}, float32, random weights (seed {SEED})")
+    say(f"Workload: prompt {args.prompt} tokens (same random prompts), {args.new} new tokens, greedy, "
+        f"no stop tokens, batch {' and '.join(map(str, BATCHES))}; median of {args.repeats} runs after a warm-up")
+    print(flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="gemma2-generate-bench-") as directory:
+        args.kerashub_dir = os.path.join(directory, "kerashub")
+        args.hf_dir = os.path.join(directory, "hf")
+        facts = spawn("prepare", "jax", args, directory, "prepare weights")
+        if facts is None:
+            sys.exit(1)
+        args.weight_bytes = facts["weight_bytes"]
+        results = {}
+        for label, kind, backend in SYSTEMS:
+            results[label] = spawn(kind, backend, args, directory, label)
+        probe = spawn("bandwidth", None, args, directory, "memory bandwidth probe")
+    read_gbs, copy_gbs = probe["read_gbs_copy_gbs"]
+    print(flush=True)
+
+    say(f"Parameters: {facts['parameter_count'] / 1e6:.1f}M (Gemma2Config.parameter_count(); keras-hub "
+        f"backbone holds {facts['kerashub_parameters'] / 1e6:.1f}M), "
+        f"{facts['weight_bytes'] / 1e6:.0f} MB of float32 weights")
+    say()
+
+    summary = {
+        label: {b: summarize(r, b, args.new) for b in BATCHES} if r else None
+        for label, r in results.items()
+    }
+
+    def ratio(label, batch, reference):
+        mine, theirs = summary[label], summary.get(reference)
+        if not mine or not theirs:
+            return "n/a"
+        if label == reference:
+            return "1.00x / 1.00x"
+        m, t = mine[batch], theirs[batch]
+        return f"{m['decode_tps'] / t['decode_tps']:.2f}x / {t['ttft_ms'] / m['ttft_ms']:.2f}x"
+
+    say("| system | batch | TTFT (ms) | decode tok/s | vs keras-hub (decode / TTFT) | "
+        "vs transformers (decode / TTFT) | warm-up incl. compile (s) | own split: prefill ms, decode tok/s |")
+    say("|---|---:|---:|---:|---:|---:|---:|---|")
+    for label, _, _ in SYSTEMS:
+        for batch in BATCHES:
+            s = summary[label]
+            if s is None:
+                say(f"| {label} | {batch} | failed | | | | | |")
+                continue
+            row = s[batch]
+            warmup = "eager" if row["warmup_s"] is None else f"{row['warmup_s']:.1f}"
+            split = ""
+            result = results[label]
+            if "split" in result:
+                entry = result["split"][str(batch)]
+                split = (f"{1000 * median(entry['prefill_s']):.0f} ms (bucket {entry['bucket']}), "
+                         f"{batch * args.new / median(entry['decode_s']):.1f} tok/s")
+            say(f"| {label} | {batch} | {row['ttft_ms']:.0f} | {row['decode_tps']:.1f} | "
+                f"{ratio(label, batch, KERASHUB)} | {ratio(label, batch, TRANSFORMERS)} | "
+                f"{warmup} | {split} |")
+    say()
+    say(f"TTFT = median time of generate(max_new_tokens=1); decode tok/s = batch x {args.new - 1} / "
+        f"(t({args.new}) - t(1)), the same method for every system. Ratios > 1 mean keras_gemma2 (row) "
+        "is faster: decode = row tok/s / reference tok/s, TTFT = reference TTFT / row TTFT. "
+        "Warm-up = first calls (1 and N new tokens) minus the timed medians: XLA compilation for "
+        "the jitted systems. The split column is keras_gemma2's own prefill function and its "
+        f"{args.new}-step decode loop. keras-hub prefills its whole max_length (prompt + new) "
+        "and recomputes the last prompt token, so part of its prefill lands in its decode figure.")
+    say()
+
+    # Memory-bandwidth bound of batch-1 decode: every weight read once per token.
+    bound = read_gbs * 1e9 / facts["weight_bytes"]
+    say(f"Memory bandwidth (measured here): float32 matvec read {read_gbs:.1f} GB/s "
+        f"(numpy copy, read+write: {copy_gbs:.1f} GB/s). Batch-1 decode bound = "
+        f"{read_gbs:.1f} GB/s / {facts['weight_bytes'] / 1e6:.0f} MB per token = {bound:.1f} tok/s.")
+    for label, _, backend in SYSTEMS:
+        if summary[label]:
+            speed = summary[label][1]["decode_tps"]
+            say(f"- {label}: batch-1 decode {speed:.1f} tok/s = {speed / bound:.2f} of the bound")
+    kv = facts["kv_2b"]
+    say(f"KV cache at {kv['context']} tokens, real gemma2_2b_en config ({kv['layers']} layers, window "
+        f"{kv['window']}), bfloat16, batch 1: sliding ring cache {kv['sliding'] / 2**20:.0f} MiB vs "
+        f"full-length {kv['full'] / 2**20:.0f} MiB, ratio {kv['sliding'] / kv['full']:.3f}")
+    say()
+
+    # Greedy agreement on the batch-8 generations (row 0 is the batch-1 prompt).
+    reference = summary.get(TRANSFORMERS)
+    if reference:
+        say(f"Greedy agreement with transformers, batch 8 x {args.new} tokens "
+            "(matching tokens; shortest matching prefix over rows):")
+        for label, _, _ in SYSTEMS:
+            if summary[label] and label != TRANSFORMERS:
+                matching, total, prefix = agreement(summary[label][8]["tokens"], reference[8]["tokens"])
+                verdict = "agree" if matching == total else "DIFFER"
+                say(f"- {label}: {matching}/{total} ({verdict}); prefix {prefix}/{args.new}")
+        distinct = [len(set(row)) for row in reference[8]["tokens"]]
+        say(f"- (transformers' rows hold {min(distinct)}-{max(distinct)} distinct tokens out of {args.new})")
+        batch1 = [summary[l][1]["tokens"][0] for l, _, _ in SYSTEMS if summary[l]]
+        same = all(tokens == batch1[0] for tokens in batch1)
+        say(f"- batch 1, all systems identical: {same}")
+    noisy = [f"{label} batch {b}: {summary[label][b]['spread']:.0%}"
+             for label, _, _ in SYSTEMS if summary[label] for b in BATCHES
+             if summary[label][b]["spread"] > 0.10]
+    say("Noise (max/min - 1 of the timed N-token runs > 10%): " + ("; ".join(noisy) if noisy else "none"))
+    say("Other processes' CPU use during each system's run (cores of "
+        f"{os.cpu_count()}): " + "; ".join(
+            f"{label.split(' (')[0]} {results[label]['foreign_cores']:.2f}"
+            for label, _, _ in SYSTEMS if results[label]))
+    say(f"Load average at end {' / '.join(f'{x:.2f}' for x in os.getloadavg())}; "
+        f"total run {time.perf_counter() - started:.0f} s")
+
+    atomic_write(RESULTS, "\n".join(lines) + "\n")
+    print(f"\nWrote {os.path.relpath(RESULTS, os.getcwd())}")
+
+
+def parse(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--split-repeats", type=int, default=2,
+                        help="runs of keras_gemma2's own prefill/decode split (median)")
+    parser.add_argument("--prompt", type=int, default=64, help="prompt tokens")
+    parser.add_argument("--new", type=int, default=32, help="new tokens")
+    parser.add_argument("--threads", default="auto",
+                        help="CPUs per system: 'auto' = the cores other processes leave free "
+                        "(sampled at start; oversubscribed torch slows down ~10x), or a number")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--weight-bytes", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--output", help=argparse.SUPPRESS)
+    parser.add_argument("--kerashub-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--hf-dir", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    arguments = parse()
+    if arguments.worker:
+        arguments.threads = os.cpu_count() if arguments.threads == "auto" else int(arguments.threads)
+        worker(arguments)
+    else:
+        main(arguments)

@@ -437,6 +437,7 @@ def atomic_write(path, text):
     try:
         with os.fdopen(handle, "w") as f:
             f.write(text)
+        os.chmod(temporary, 0o644)  # mkstemp creates 0600
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):

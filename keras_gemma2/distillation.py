@@ -30,8 +30,42 @@ def hard_cross_entropy(student_logits, targets):
     return -ops.take_along_axis(log_probs, ops.cast(targets, "int32")[..., None], axis=-1)[..., 0]
 
 
+class StudentTrainer(keras.Model):
+    """What the online and offline distillers share.
+
+    The forward pass returns the student's hidden states; `chunked_mean`
+    projects them to the vocabulary `chunk_size` positions at a time and
+    averages a per-token loss over the real (non-padding) next-token targets.
+    """
+
+    def call(self, inputs, training=False):
+        inputs = {"token_ids": inputs["token_ids"], "padding_mask": inputs["padding_mask"]}
+        return self.student.backbone(inputs, training=training)
+
+    def compile(self, optimizer="auto", **kwargs):
+        if optimizer == "auto":
+            optimizer = keras.optimizers.AdamW(learning_rate=1e-3, weight_decay=0.01)
+        super().compile(optimizer=optimizer, **kwargs)
+
+    def chunked_mean(self, x, hidden, per_token, sample_weight=None):
+        """sum over chunks of per_token(student_logits, start, stop) * weights / sum of weights."""
+        length = ops.shape(x["token_ids"])[1]
+        weights = ops.cast(x["padding_mask"][:, 1:], "float32")
+        if sample_weight is not None:
+            weights = weights * ops.cast(sample_weight, "float32")[:, 1:]
+        total = ops.zeros((), "float32")
+        for start in range(0, length - 1, self.chunk_size):
+            stop = min(start + self.chunk_size, length - 1)
+            logits = self.student.backbone.token_embedding(hidden[:, start:stop], reverse=True)
+            total = total + ops.sum(per_token(logits, start, stop) * weights[:, start:stop])
+        return total / ops.maximum(ops.sum(weights), 1.0)
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        return self.get_metrics_result()
+
+
 @keras.saving.register_keras_serializable(package="keras_gemma2")
-class Distiller(keras.Model):
+class Distiller(StudentTrainer):
     """A frozen teacher Gemma2CausalLM and a trainable student Gemma2CausalLM.
 
     Args:
@@ -72,36 +106,19 @@ class Distiller(keras.Model):
         self.hard_label_weight = float(hard_label_weight)
         self.chunk_size = chunk_size
 
-    def call(self, inputs, training=False):
-        """The student's final hidden states [batch, seq, hidden]."""
-        return self.student.backbone(inputs, training=training)
-
-    def compile(self, optimizer="auto", **kwargs):
-        if optimizer == "auto":
-            optimizer = keras.optimizers.AdamW(learning_rate=1e-3, weight_decay=0.01)
-        super().compile(optimizer=optimizer, **kwargs)
-
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         """Mean over real next-token positions of the mixed distillation loss."""
         teacher_hidden = ops.stop_gradient(self.teacher.backbone(x, training=False))
-        length = ops.shape(x["token_ids"])[1]
         targets = x["token_ids"][:, 1:]
-        weights = ops.cast(x["padding_mask"][:, 1:], "float32")
-        if sample_weight is not None:
-            weights = weights * ops.cast(sample_weight, "float32")[:, 1:]
-        total = ops.zeros((), "float32")
-        for start in range(0, length - 1, self.chunk_size):
-            stop = min(start + self.chunk_size, length - 1)
-            per_token = self.token_losses(
-                y_pred[:, start:stop], teacher_hidden[:, start:stop], targets[:, start:stop]
-            )
-            total = total + ops.sum(per_token * weights[:, start:stop])
-        loss = total / ops.maximum(ops.sum(weights), 1.0)
+
+        def per_token(student_logits, start, stop):
+            return self.token_losses(student_logits, teacher_hidden[:, start:stop], targets[:, start:stop])
+
+        loss = self.chunked_mean(x, y_pred, per_token, sample_weight)
         return loss + sum(self.losses) if self.losses else loss
 
-    def token_losses(self, student_hidden, teacher_hidden, targets):
-        """Per-position loss from hidden states of one chunk (logits made here, then dropped)."""
-        student_logits = self.student.backbone.token_embedding(student_hidden, reverse=True)
+    def token_losses(self, student_logits, teacher_hidden, targets):
+        """Per-position loss of one chunk (the teacher's logits are made here, then dropped)."""
         teacher_logits = ops.stop_gradient(
             self.teacher.backbone.token_embedding(teacher_hidden, reverse=True)
         )
@@ -110,9 +127,6 @@ class Distiller(keras.Model):
         if self.hard_label_weight:
             loss = loss + self.hard_label_weight * hard_cross_entropy(student_logits, targets)
         return loss
-
-    def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        return self.get_metrics_result()
 
     def get_config(self):
         return {

@@ -22,6 +22,7 @@ from keras import ops
 
 from keras_gemma2.causal_lm import Gemma2CausalLM
 from keras_gemma2.checkpoints import safetensors_io
+from keras_gemma2.distillation import StudentTrainer
 from keras_gemma2.data import batch_at
 from keras_gemma2.files import atomic_write
 
@@ -116,7 +117,7 @@ def truncated_soft_cross_entropy(student_logits, topk_ids, topk_logprobs):
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma2")
-class OfflineDistiller(keras.Model):
+class OfflineDistiller(StudentTrainer):
     """Trains a student Gemma2CausalLM on batches from a `Store` (no teacher in memory)."""
 
     def __init__(self, student, vocabulary_size=None, chunk_size=128, **kwargs):
@@ -131,30 +132,13 @@ class OfflineDistiller(keras.Model):
         self.student = student
         self.chunk_size = chunk_size
 
-    def call(self, inputs, training=False):
-        inputs = {"token_ids": inputs["token_ids"], "padding_mask": inputs["padding_mask"]}
-        return self.student.backbone(inputs, training=training)
-
-    def compile(self, optimizer="auto", **kwargs):
-        if optimizer == "auto":
-            optimizer = keras.optimizers.AdamW(learning_rate=1e-3, weight_decay=0.01)
-        super().compile(optimizer=optimizer, **kwargs)
-
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        length = ops.shape(x["token_ids"])[1]
-        weights = ops.cast(x["padding_mask"][:, 1:], "float32")
-        total = ops.zeros((), "float32")
-        for start in range(0, length - 1, self.chunk_size):
-            stop = min(start + self.chunk_size, length - 1)
-            logits = self.student.backbone.token_embedding(y_pred[:, start:stop], reverse=True)
-            per_token = truncated_soft_cross_entropy(
-                logits, x["topk_ids"][:, start:stop], x["topk_logprobs"][:, start:stop]
+        def per_token(student_logits, start, stop):
+            return truncated_soft_cross_entropy(
+                student_logits, x["topk_ids"][:, start:stop], x["topk_logprobs"][:, start:stop]
             )
-            total = total + ops.sum(per_token * weights[:, start:stop])
-        return total / ops.maximum(ops.sum(weights), 1.0)
 
-    def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        return self.get_metrics_result()
+        return self.chunked_mean(x, y_pred, per_token, sample_weight)
 
     def get_config(self):
         return {

@@ -7,6 +7,7 @@ from keras_gemma2.causal_lm import Gemma2CausalLM
 from keras_gemma2.tokenizer import Gemma2Tokenizer
 from keras_gemma2.preset_registry import list_presets
 from keras_gemma2.samplers import BeamSearch, Sampler
+from keras_gemma2.export import export
 
 
 def from_preset(preset, dtype=None, load_weights=True, **config_overrides):
@@ -23,6 +24,7 @@ def from_preset(preset, dtype=None, load_weights=True, **config_overrides):
 
 __all__ = [
     "__version__",
+    "export",
     "BeamSearch",
     "Gemma2Backbone",
     "Gemma2CausalLM",

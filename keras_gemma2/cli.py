@@ -69,6 +69,17 @@ def _generate(args):
     print()
 
 
+def _export(args):
+    import keras_gemma2
+
+    model = keras_gemma2.from_preset(args.preset, dtype="float32")
+    path = keras_gemma2.export(
+        model, args.path, format=args.format, quantization=args.quantization,
+        cache_length=args.cache_length, prefill_lengths=tuple(args.prefill_lengths),
+    )
+    print(f"wrote {path}")
+
+
 def _chat(args):
     model = _load_for_text(args)
     messages = []
@@ -266,6 +277,17 @@ def build_parser():
     distill.add_argument("--top-k", type=int, default=64, help="tokens kept per position offline")
     _add_training_options(distill)
     distill.set_defaults(run=_distill)
+
+    export = commands.add_parser(
+        "export", help="LiteRT (.tflite) or SavedModel with prefill/decode signatures"
+    )
+    export.add_argument("--preset", required=True)
+    export.add_argument("path", help="a .tflite file (litert) or a new directory (saved_model)")
+    export.add_argument("--format", default="litert", help="litert (default) or saved_model")
+    export.add_argument("--quantization", default=None, help="int8 or int4 (default: float32)")
+    export.add_argument("--cache-length", type=int, default=1024)
+    export.add_argument("--prefill-lengths", type=int, nargs="+", default=[32, 128, 512])
+    export.set_defaults(run=_export)
 
     merge = commands.add_parser(
         "merge", help="average checkpoints of one architecture, or interpolate toward a base"

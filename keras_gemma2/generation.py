@@ -60,10 +60,12 @@ class Generator:
     def functions(self, batch_size, bucket, max_new_tokens, sampler, stop_ids, window):
         key = (batch_size, bucket, max_new_tokens, sampler, stop_ids, window)
         if key not in self._functions:
-            self._functions[key] = self._build(bucket, max_new_tokens, sampler, stop_ids, window)
+            self._functions[key] = self._build(
+                batch_size, bucket, max_new_tokens, sampler, stop_ids, window
+            )
         return self._functions[key]
 
-    def _build(self, bucket, max_new_tokens, sampler, stop_ids, window):
+    def _build(self, batch_size, bucket, max_new_tokens, sampler, stop_ids, window):
         backbone = self.model.backbone
         config = backbone.config.replace(sliding_window_size=window)
         windows = kv_cache.layer_windows(config)
@@ -120,7 +122,7 @@ class Generator:
         variables = backbone.variables
         return (
             backend_utils.compile_function(start, variables),
-            backend_utils.compile_function(run, variables),
+            backend_utils.compile_function(run, variables, decode_rows=batch_size),
         )
 
     # ---- host side ----------------------------------------------------------

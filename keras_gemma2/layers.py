@@ -68,6 +68,9 @@ class TiedEmbedding(keras.layers.Layer):
         self.vocabulary_size = vocabulary_size
         self.hidden_dim = hidden_dim
         self.logit_soft_cap = logit_soft_cap
+        # Optional (int8 table [vocab, hidden], float32 row scales [vocab]) that token
+        # lookups read instead of `embeddings`: the edge export's quantized lookup.
+        self.int8_lookup = None
 
     def build(self, input_shape=None):
         self.embeddings = self.add_weight(
@@ -82,9 +85,22 @@ class TiedEmbedding(keras.layers.Layer):
         if reverse:
             dtype = wide_dtype(self.compute_dtype)
             kernel = ops.cast(self.embeddings, dtype)
-            logits = ops.matmul(ops.cast(inputs, dtype), ops.transpose(kernel))
+            inputs = ops.cast(inputs, dtype)
+            if len(inputs.shape) == 3 and inputs.shape[1] == 1:
+                # One position (decoding): [vocab, hidden] x [hidden, batch] with the
+                # table as the left operand, then a transpose of the small result.
+                # `inputs @ kernel.T` made XLA CPU copy the transposed table (or run a
+                # naive loop) on every step.
+                logits = ops.transpose(ops.einsum("vd,btd->vbt", kernel, inputs), (1, 2, 0))
+            else:
+                logits = ops.matmul(inputs, ops.transpose(kernel))
             return soft_cap(logits, self.logit_soft_cap)
-        x = ops.take(self.embeddings, ops.cast(inputs, "int32"), axis=0)
+        ids = ops.cast(inputs, "int32")
+        if self.int8_lookup is not None:
+            table, row_scale = self.int8_lookup
+            x = ops.cast(ops.take(table, ids, axis=0), "float32") * ops.take(row_scale, ids, axis=0)[..., None]
+        else:
+            x = ops.take(self.embeddings, ids, axis=0)
         x = ops.cast(x, self.compute_dtype)
         # The scale is cast to the compute dtype first (bfloat16 2B: exactly 48.0).
         scale = ops.cast(ops.sqrt(float(self.hidden_dim)), self.compute_dtype)
@@ -190,8 +206,13 @@ class Gemma2Attention(keras.layers.Layer):
         self.query = projection("query", "btd,dnh->btnh", (None, q, d), input_shape)
         self.key = projection("key", "btd,dnh->btnh", (None, kv, d), input_shape)
         self.value = projection("value", "btd,dnh->btnh", (None, kv, d), input_shape)
+        # "a" = query head, "h" = head dim. jnp.einsum contracts shared letters in
+        # alphabetical order, so the head letter must sort before the head-dim
+        # letter: then the [heads, head_dim, hidden] kernel is read as one
+        # [heads * head_dim, hidden] matrix. With "nhd" XLA copied a transposed
+        # kernel on every call (~5 ms of a batch-8 decode step on CPU).
         self.attention_output = projection(
-            "attention_output", "btnh,nhd->btd", (None, hidden_dim), (None, None, q, d)
+            "attention_output", "btah,ahd->btd", (None, hidden_dim), (None, None, q, d)
         )
 
     def call(self, x, positions, attention_mask, cache=None, cache_index=None):

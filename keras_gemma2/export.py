@@ -1,0 +1,481 @@
+"""Edge export: LiteRT (.tflite) and SavedModel with prefill/decode signatures.
+
+A phone app needs more than a logits graph: it prefills the prompt once, then
+calls one decode step per token, carrying the KV cache between calls. The
+artifact therefore has
+
+* `prefill_{P}` for each prompt bucket P: `tokens` int32 [1, P] (the prompt
+  at the start, anything after `length`), `length` int32 [] -> `logits`
+  float32 [1, vocab] of the last prompt token and `cache_0..cache_{L-1}`;
+* `decode`: `token` int32 [1, 1], `position` int32 [] (the token's index in
+  the text) and the caches -> `logits` and the updated caches.
+
+Both trace the same `kv_cache.prefill` / `kv_cache.decode` (and so the same
+Gemma2Attention) as `Gemma2CausalLM.generate`. Layer l's cache is
+[1, 2, slots_l, kv_heads, head_dim]: global layers hold `cache_length` slots,
+sliding layers a ring of min(window, cache_length) slots (position p in slot
+p % slots). Shapes are static and the ops are TFLite builtins only, so the
+file runs in the plain `ai_edge_litert` interpreter (no Flex delegate).
+
+The graph is traced on Keras' TensorFlow backend. A model loaded under JAX or
+PyTorch is saved to a temporary preset and exported by a child process with
+KERAS_BACKEND=tensorflow (a process has one Keras backend).
+"""
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import keras
+import numpy as np
+
+FORMATS = ("litert", "saved_model")
+QUANTIZATIONS = (None, "int8", "int4")
+DEFAULT_CACHE_LENGTH = 1024
+DEFAULT_PREFILL_LENGTHS = (32, 128, 512)
+METADATA_NAME = "keras_gemma2_export.json"
+# Above this the flatbuffer's 2 GB limit needs weights stored after it (buffer offsets).
+_LARGE_MODEL_BYTES = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportPlan:
+    """Checked export arguments (everything is validated before any tracing)."""
+
+    path: str
+    format: str
+    quantization: object
+    cache_length: int
+    prefill_lengths: tuple
+
+
+def export(
+    model,
+    path,
+    format="litert",
+    quantization=None,
+    cache_length=DEFAULT_CACHE_LENGTH,
+    prefill_lengths=DEFAULT_PREFILL_LENGTHS,
+):
+    """Export `model` (a Gemma2CausalLM) for on-device generation; returns the artifact path.
+
+    `format`: "litert" (path ends in .tflite; the tokenizer and a metadata file
+    are written beside it as `<stem>.tokenizer.model` / `<stem>.json`) or
+    "saved_model" (path is a new directory; tokenizer and metadata inside).
+    `quantization`: None (float32), "int8" (per-channel int8 weights, float
+    activations) or "int4" (through ai-edge-quantizer); LiteRT only.
+    `cache_length`: positions the KV cache holds (prompt + generated tokens).
+    `prefill_lengths`: the static prompt buckets, each <= cache_length.
+    """
+    plan = plan_export(model, path, format, quantization, cache_length, prefill_lengths)
+    if keras.backend.backend() == "tensorflow" and model.backbone.compute_dtype == "float32":
+        return _export_here(model.backbone, model.tokenizer, plan, _stop_ids(model))
+    return _export_in_child(model, plan)
+
+
+def plan_export(model, path, format, quantization, cache_length, prefill_lengths):
+    """Validate every argument; raise ValueError naming the problem and the fix."""
+    from keras_gemma2 import lora
+
+    if format not in FORMATS:
+        raise ValueError(f"Unknown export format {format!r}; use one of {FORMATS}.")
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(
+            f"Unknown quantization {quantization!r}; use None (float32), 'int8' or 'int4'."
+        )
+    if quantization is not None and format != "litert":
+        raise ValueError(
+            f"Quantized export ({quantization}) is LiteRT only for now; use format='litert', "
+            "or quantization=None for a float32 SavedModel."
+        )
+    path = os.path.abspath(os.fspath(path))
+    if format == "litert" and not path.endswith(".tflite"):
+        raise ValueError(f"A LiteRT export is a .tflite file; got {path!r}. Add the .tflite suffix.")
+    if format == "saved_model":
+        if path.endswith(".tflite"):
+            raise ValueError(
+                f"A SavedModel is a directory, not a .tflite file: {path!r}. "
+                "Use format='litert' or a directory path."
+            )
+        if os.path.exists(path):
+            raise FileExistsError(f"{path} already exists; export will not overwrite a directory.")
+    elif os.path.isdir(path):
+        raise ValueError(f"{path} is a directory; give the .tflite file's path.")
+    _check_writable(os.path.dirname(path))
+
+    config = model.config
+    if isinstance(cache_length, bool) or not isinstance(cache_length, (int, np.integer)):
+        raise ValueError(f"cache_length must be an integer, got {cache_length!r}.")
+    if not 1 <= cache_length <= config.max_sequence_length:
+        raise ValueError(
+            f"cache_length {cache_length} is outside [1, {config.max_sequence_length}] "
+            "(the model's context length); choose a smaller cache."
+        )
+    if isinstance(prefill_lengths, (int, np.integer)):
+        prefill_lengths = (prefill_lengths,)
+    prefill_lengths = tuple(prefill_lengths or ())
+    if not prefill_lengths or any(
+        isinstance(p, bool) or not isinstance(p, (int, np.integer)) or p < 1 for p in prefill_lengths
+    ):
+        raise ValueError(
+            f"prefill_lengths must be positive integers, got {prefill_lengths!r}."
+        )
+    too_long = [int(p) for p in prefill_lengths if p > cache_length]
+    if too_long:
+        raise ValueError(
+            f"Prefill buckets {too_long} exceed cache_length {cache_length}: a prompt must fit "
+            "in the cache. Raise cache_length or drop those buckets."
+        )
+    if lora.lora_layers(model):
+        raise ValueError(
+            "This model has unmerged LoRA adapters; call model.merge_lora() before export "
+            "(the exported graph has plain kernels only)."
+        )
+    quantized = sorted({
+        str(layer.quantization_mode)
+        for layer in model.backbone._flatten_layers(include_self=False)
+        if getattr(layer, "quantization_mode", None)
+    })
+    if quantized:
+        raise ValueError(
+            f"This model was quantized in Keras ({', '.join(quantized)}); export the float "
+            "model and pass quantization='int8' / 'int4' to export instead."
+        )
+    return ExportPlan(
+        path, format, quantization, int(cache_length), tuple(sorted({int(p) for p in prefill_lengths}))
+    )
+
+
+def _check_writable(directory):
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as error:
+        raise PermissionError(
+            f"Cannot write the export to {directory}: {error.strerror or error}. "
+            "Choose a writable directory."
+        ) from error
+
+
+def _stop_ids(model):
+    return [int(i) for i in model._default_stop_ids()]
+
+
+# ---- the traced signatures (TensorFlow backend) -------------------------------
+def quantize_rows(table):
+    """Symmetric int8 per row: (int8 [rows, cols], float32 scales [rows])."""
+    table = np.asarray(table, np.float32)
+    scale = np.abs(table).max(axis=1) / 127.0
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    return np.clip(np.rint(table / scale[:, None]), -127, 127).astype(np.int8), scale
+
+
+def build_signatures(backbone, cache_length, prefill_lengths, int8_lookup=False):
+    """A tf.Module with `prefill_{P}` and `decode` tf.functions over the backbone's weights.
+
+    The module holds the backbone's underlying tf.Variables (not the Keras
+    layers): traced under a StatelessScope that maps each Keras variable to
+    its tf.Variable, the graph reads plain variables, which the TFLite
+    converter freezes into constants.
+    """
+    import tensorflow as tf
+    from keras import ops
+
+    from keras_gemma2 import kv_cache
+
+    config = backbone.config
+    windows = kv_cache.layer_windows(config)
+    slots = kv_cache.cache_lengths(config, cache_length)
+    keras_variables = list(backbone.variables)
+    shape = (config.num_key_value_heads, config.head_dim)
+    cache_specs = [
+        tf.TensorSpec((1, 2, n, *shape), tf.float32, name=f"cache_{i}") for i, n in enumerate(slots)
+    ]
+
+    module = tf.Module()
+    module.weights = [v.value for v in keras_variables]
+    embedding = backbone.token_embedding
+    if int8_lookup:
+        # The token lookup reads an int8 copy (a row per token, dequantized on the fly);
+        # the output projection keeps the float table for the converter to quantize.
+        table, row_scale = quantize_rows(keras.ops.convert_to_numpy(embedding.embeddings))
+        module.lookup_table = tf.Variable(table, trainable=False, name="lookup_table")
+        module.lookup_scale = tf.Variable(row_scale, trainable=False, name="lookup_scale")
+        del table, row_scale
+
+    @contextlib.contextmanager
+    def scope():
+        with keras.StatelessScope(state_mapping=list(zip(keras_variables, module.weights))):
+            if not int8_lookup:
+                yield
+                return
+            embedding.int8_lookup = (module.lookup_table, module.lookup_scale)
+            try:
+                yield
+            finally:
+                embedding.int8_lookup = None
+
+    def named(logits, caches):
+        return {"logits": logits, **{f"cache_{i}": c for i, c in enumerate(caches)}}
+
+    def make_prefill(bucket):
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec((1, bucket), tf.int32, name="tokens"),
+                tf.TensorSpec((), tf.int32, name="length"),
+            ]
+        )
+        def prefill(tokens, length):
+            with scope():
+                pad = bucket - length
+                # Right-aligned (left-padded) prompt, as kv_cache.prefill expects.
+                index = ops.arange(bucket, dtype="int32")
+                aligned = ops.take(tokens, ops.mod(index - pad, bucket), axis=1)
+                empty = [ops.zeros((1, 2, bucket, *shape), "float32") for _ in windows]
+                logits, filled = kv_cache.prefill(
+                    backbone, aligned, ops.reshape(pad, (1,)), empty, windows
+                )
+                # Slot s of a layer with n slots holds the latest position p <= length-1
+                # with p % n == s (a ring when n < length); p < 0 is an empty slot.
+                caches = []
+                for cache, n in zip(filled, slots):
+                    held = (length - 1) - ops.mod(length - 1 - ops.arange(n, dtype="int32"), n)
+                    source = ops.clip(held + pad, 0, bucket - 1)
+                    caches.append(ops.take(cache, source, axis=2))
+                return named(logits, caches)
+
+        return prefill
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec((1, 1), tf.int32, name="token"),
+            tf.TensorSpec((), tf.int32, name="position"),
+            *cache_specs,
+        ]
+    )
+    def decode(token, position, *caches):
+        with scope():
+            no_padding = ops.zeros((1,), "int32")
+            logits, caches = kv_cache.decode(
+                backbone, token, no_padding, list(caches), position, windows
+            )
+            return named(logits, caches)
+
+    signatures = {f"prefill_{p}": make_prefill(p) for p in prefill_lengths}
+    signatures["decode"] = decode
+    for name, function in signatures.items():
+        setattr(module, name, function)
+    concrete = {name: function.get_concrete_function() for name, function in signatures.items()}
+    return module, concrete, slots
+
+
+def metadata(backbone, tokenizer, plan, stop_ids, slots, files):
+    config = backbone.config
+    return {
+        "format": plan.format,
+        "quantization": plan.quantization,
+        "files": files,
+        "compute_dtype": "float32",
+        "cache_dtype": "float32",
+        "cache_length": plan.cache_length,
+        "cache_slots": slots,
+        "cache_shape": [1, 2, None, config.num_key_value_heads, config.head_dim],
+        "prefill_lengths": list(plan.prefill_lengths),
+        "signatures": {
+            "prefill": {str(p): f"prefill_{p}" for p in plan.prefill_lengths},
+            "decode": "decode",
+        },
+        "vocabulary_size": config.vocabulary_size,
+        "bos_token_id": tokenizer.bos_token_id if tokenizer is not None else 2,
+        "add_bos": True,
+        "stop_token_ids": stop_ids,
+        "chat_template": {
+            "turn": "<start_of_turn>{role}\n{content}<end_of_turn>\n",
+            "generation_prompt": "<start_of_turn>model\n",
+            "roles": {"user": "user", "assistant": "model", "model": "model"},
+        },
+        "config": config.to_dict(),
+        "keras_gemma2_version": _version(),
+    }
+
+
+def _version():
+    from keras_gemma2.version import __version__
+
+    return __version__
+
+
+def _export_here(backbone, tokenizer, plan, stop_ids):
+    """Trace, save and (for LiteRT) convert in this TensorFlow-backend process."""
+    import tensorflow as tf
+
+    parent = os.path.dirname(plan.path)
+    staging = tempfile.mkdtemp(prefix=".export-partial-", dir=parent)
+    try:
+        module, concrete, slots = build_signatures(
+            backbone, plan.cache_length, plan.prefill_lengths,
+            int8_lookup=plan.format == "litert" and plan.quantization is not None,
+        )
+        saved_model = os.path.join(staging, "saved_model")
+        tf.saved_model.save(module, saved_model, signatures=concrete)
+        del module, concrete
+        if plan.format == "saved_model":
+            files = {"tokenizer": "tokenizer.model" if tokenizer is not None else None}
+            if tokenizer is not None:
+                tokenizer.save_assets(saved_model)
+            _write_json(
+                os.path.join(saved_model, METADATA_NAME),
+                metadata(backbone, tokenizer, plan, stop_ids, slots, files),
+            )
+            os.replace(saved_model, plan.path)
+            return plan.path
+
+        stem = os.path.basename(plan.path)[: -len(".tflite")]
+        files = {
+            "model": os.path.basename(plan.path),
+            "tokenizer": f"{stem}.tokenizer.model" if tokenizer is not None else None,
+        }
+        weight_bytes = sum(int(np.prod(v.shape)) * 4 for v in backbone.variables)
+        flatbuffer = convert_to_litert(
+            saved_model, list(concrete_names(plan)), plan.quantization, weight_bytes
+        )
+        staged_model = os.path.join(staging, files["model"])
+        with open(staged_model, "wb") as f:
+            f.write(flatbuffer)
+        del flatbuffer
+        if plan.quantization == "int4":
+            quantize_int4(staged_model)
+        if tokenizer is not None:
+            os.replace(tokenizer.save_assets(staging), os.path.join(staging, files["tokenizer"]))
+        _write_json(
+            os.path.join(staging, f"{stem}.json"),
+            metadata(backbone, tokenizer, plan, stop_ids, slots, files),
+        )
+        # Sidecars first, the model last: a present .tflite means a complete export.
+        for name in (files["tokenizer"], f"{stem}.json"):
+            if name:
+                os.replace(os.path.join(staging, name), os.path.join(parent, name))
+        os.replace(staged_model, plan.path)
+        return plan.path
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def concrete_names(plan):
+    return [f"prefill_{p}" for p in plan.prefill_lengths] + ["decode"]
+
+
+def convert_to_litert(saved_model_dir, signature_keys, quantization, weight_bytes):
+    """SavedModel -> TFLite flatbuffer bytes with builtin ops only.
+
+    int8 is the converter's dynamic-range quantization: per-channel int8
+    weights, float32 activations (hybrid kernels). int4 is produced from the
+    float file by `quantize_int4`.
+    """
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(
+        saved_model_dir, signature_keys=signature_keys
+    )
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    if quantization == "int8":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if weight_bytes > _LARGE_MODEL_BYTES:
+        converter._experimental_use_buffer_offset = True  # weights after the 2 GB flatbuffer
+    return converter.convert()
+
+
+def quantize_int4(path):
+    """Rewrite a float .tflite in place with int4 channel-wise weights (ai-edge-quantizer)."""
+    try:
+        from ai_edge_quantizer import quantizer, recipe
+    except ImportError as error:
+        raise ImportError(
+            "int4 export needs ai-edge-quantizer: pip install ai-edge-quantizer "
+            "(or keras-gemma2[export])."
+        ) from error
+    engine = quantizer.Quantizer(path, recipe.dynamic_wi4_afp32())
+    result = engine.quantize(enable_progress_report=False)
+    temporary = path + ".int4"
+    result.export_model(temporary, overwrite=True)
+    os.replace(temporary, path)
+
+
+def _write_json(path, payload):
+    from keras_gemma2.files import atomic_write
+
+    with atomic_write(path, "w") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+
+
+# ---- other backends: a TensorFlow child process ------------------------------
+def _export_in_child(model, plan):
+    """Save the weights to a temporary preset; a KERAS_BACKEND=tensorflow child exports it."""
+    parent = os.path.dirname(plan.path)
+    with tempfile.TemporaryDirectory(prefix=".export-preset-", dir=parent) as scratch:
+        preset = os.path.join(scratch, "preset")
+        model.save_to_preset(preset)
+        command = [
+            sys.executable, "-m", "keras_gemma2.export", preset, plan.path,
+            "--format", plan.format,
+            "--cache-length", str(plan.cache_length),
+            "--prefill-lengths", *[str(p) for p in plan.prefill_lengths],
+            "--stop-ids", *[str(i) for i in _stop_ids(model)],
+        ]
+        if plan.quantization:
+            command += ["--quantization", plan.quantization]
+        environment = {**os.environ, "KERAS_BACKEND": "tensorflow"}
+        result = subprocess.run(command, env=environment, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(
+                "The TensorFlow export process failed:\n" + result.stderr[-4000:]
+            )
+    return plan.path
+
+
+def export_preset(preset, path, format="litert", quantization=None,
+                  cache_length=DEFAULT_CACHE_LENGTH, prefill_lengths=DEFAULT_PREFILL_LENGTHS,
+                  stop_ids=None, log=None):
+    """Load `preset` in float32 and export it (this process must run the TensorFlow backend)."""
+    from keras_gemma2.causal_lm import Gemma2CausalLM
+
+    if keras.backend.backend() != "tensorflow":
+        raise RuntimeError("export_preset traces with TensorFlow: set KERAS_BACKEND=tensorflow.")
+    start = time.time()
+    model = Gemma2CausalLM.from_preset(preset, dtype="float32")
+    plan = plan_export(model, path, format, quantization, cache_length, prefill_lengths)
+    if log:
+        log(f"loaded {preset} in {time.time() - start:.1f} s")
+    stop_ids = list(stop_ids) if stop_ids else _stop_ids(model)
+    return _export_here(model.backbone, model.tokenizer, plan, stop_ids)
+
+
+def main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Export a Gemma 2 preset (TensorFlow backend).")
+    parser.add_argument("preset")
+    parser.add_argument("path")
+    parser.add_argument("--format", default="litert")
+    parser.add_argument("--quantization", default=None)
+    parser.add_argument("--cache-length", type=int, default=DEFAULT_CACHE_LENGTH)
+    parser.add_argument("--prefill-lengths", type=int, nargs="+", default=list(DEFAULT_PREFILL_LENGTHS))
+    parser.add_argument("--stop-ids", type=int, nargs="*", default=None)
+    args = parser.parse_args(argv)
+    export_preset(
+        args.preset, args.path, args.format, args.quantization, args.cache_length,
+        args.prefill_lengths, args.stop_ids, log=lambda m: print(m, file=sys.stderr),
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -106,6 +106,31 @@ class Runner:
         ]
         return "".join(turns) + template["generation_prompt"]
 
+    # ---- the two signatures -------------------------------------------------
+    def _prefill(self, ids):
+        """Run the smallest bucket that holds `ids`; returns its outputs and the bucket."""
+        bucket = next((p for p in self.prefill_lengths if p >= len(ids)), None)
+        if bucket is None:
+            raise ValueError(
+                f"Prompt of {len(ids)} tokens exceeds the largest prefill bucket "
+                f"{self.prefill_lengths[-1]}; re-export with a larger prefill length."
+            )
+        tokens = np.zeros((1, bucket), np.int32)
+        tokens[0, : len(ids)] = ids
+        outputs = self.session(
+            self.metadata["signatures"]["prefill"][str(bucket)],
+            tokens=tokens, length=np.array(len(ids), np.int32),
+        )
+        return outputs, bucket
+
+    def _decode(self, outputs, token, position):
+        """One step: `token` at `position`, with the caches from the previous outputs."""
+        caches = {name: value for name, value in outputs.items() if name.startswith("cache_")}
+        return self.session(
+            self.metadata["signatures"]["decode"],
+            token=np.array([[token]], np.int32), position=np.array(position, np.int32), **caches,
+        )
+
     # ---- generation ---------------------------------------------------------
     def token_stream(self, prompt, max_new_tokens=64, temperature=0.0, seed=0):
         """Yield generated token ids one at a time (the stop id is not yielded)."""
@@ -116,20 +141,9 @@ class Runner:
             raise ValueError(
                 f"Prompt of {len(ids)} tokens does not fit the {self.cache_length}-position cache."
             )
-        bucket = next((p for p in self.prefill_lengths if p >= len(ids)), None)
-        if bucket is None:
-            raise ValueError(
-                f"Prompt of {len(ids)} tokens exceeds the largest prefill bucket "
-                f"{self.prefill_lengths[-1]}; re-export with a larger prefill length."
-            )
-        tokens = np.zeros((1, bucket), np.int32)
-        tokens[0, : len(ids)] = ids
         rng = np.random.default_rng(seed)
         start = time.perf_counter()
-        outputs = self.session(
-            self.metadata["signatures"]["prefill"][str(bucket)],
-            tokens=tokens, length=np.array(len(ids), np.int32),
-        )
+        outputs, bucket = self._prefill(ids)
         self.stats = {"prompt_tokens": len(ids), "bucket": bucket,
                       "prefill_s": time.perf_counter() - start, "decode_steps": 0, "decode_s": 0.0}
         position = len(ids)
@@ -140,12 +154,8 @@ class Runner:
             yield token
             if position >= self.cache_length:  # the cache is full: no room for another step
                 return
-            caches = {name: value for name, value in outputs.items() if name.startswith("cache_")}
             start = time.perf_counter()
-            outputs = self.session(
-                self.metadata["signatures"]["decode"],
-                token=np.array([[token]], np.int32), position=np.array(position, np.int32), **caches,
-            )
+            outputs = self._decode(outputs, token, position)
             self.stats["decode_steps"] += 1
             self.stats["decode_s"] += time.perf_counter() - start
             position += 1
@@ -175,24 +185,13 @@ class Runner:
         entry t predicts ids[prompt_length + t]. For quantization checks.
         """
         ids = [int(i) for i in ids][: self.cache_length]
-        bucket = next(p for p in self.prefill_lengths if p >= prompt_length)
-        tokens = np.zeros((1, bucket), np.int32)
-        tokens[0, :prompt_length] = ids[:prompt_length]
-        outputs = self.session(
-            self.metadata["signatures"]["prefill"][str(bucket)],
-            tokens=tokens, length=np.array(prompt_length, np.int32),
-        )
+        outputs, _ = self._prefill(ids[:prompt_length])
         predictions = []
         for position in range(prompt_length, len(ids)):
             predictions.append(int(np.argmax(outputs["logits"][0])))
             if position == len(ids) - 1:
                 break
-            caches = {name: value for name, value in outputs.items() if name.startswith("cache_")}
-            outputs = self.session(
-                self.metadata["signatures"]["decode"],
-                token=np.array([[ids[position]]], np.int32), position=np.array(position, np.int32),
-                **caches,
-            )
+            outputs = self._decode(outputs, ids[position], position)
         return np.array(predictions, np.int32)
 
 

@@ -24,7 +24,6 @@ KERAS_BACKEND=tensorflow (a process has one Keras backend).
 
 import contextlib
 import dataclasses
-import json
 import os
 import shutil
 import subprocess
@@ -34,6 +33,9 @@ import time
 
 import keras
 import numpy as np
+
+from keras_gemma2 import tokenizer as tokenizer_module
+from keras_gemma2.checkpoints.safetensors_io import write_json
 
 FORMATS = ("litert", "saved_model")
 QUANTIZATIONS = (None, "int8", "int4")
@@ -298,9 +300,10 @@ def metadata(backbone, tokenizer, plan, stop_ids, slots, files):
         "add_bos": True,
         "stop_token_ids": stop_ids,
         "chat_template": {
-            "turn": "<start_of_turn>{role}\n{content}<end_of_turn>\n",
-            "generation_prompt": "<start_of_turn>model\n",
-            "roles": {"user": "user", "assistant": "model", "model": "model"},
+            # The same turn format as Gemma2Tokenizer.apply_chat_template.
+            "turn": f"{tokenizer_module._START_OF_TURN}{{role}}\n{{content}}{tokenizer_module._END_OF_TURN}\n",
+            "generation_prompt": f"{tokenizer_module._START_OF_TURN}model\n",
+            "roles": dict(tokenizer_module._ROLE_ALIASES),
         },
         "config": config.to_dict(),
         "keras_gemma2_version": _version(),
@@ -326,12 +329,13 @@ def _export_here(backbone, tokenizer, plan, stop_ids):
         )
         saved_model = os.path.join(staging, "saved_model")
         tf.saved_model.save(module, saved_model, signatures=concrete)
+        signature_keys = list(concrete)
         del module, concrete
         if plan.format == "saved_model":
             files = {"tokenizer": "tokenizer.model" if tokenizer is not None else None}
             if tokenizer is not None:
                 tokenizer.save_assets(saved_model)
-            _write_json(
+            write_json(
                 os.path.join(saved_model, METADATA_NAME),
                 metadata(backbone, tokenizer, plan, stop_ids, slots, files),
             )
@@ -344,9 +348,7 @@ def _export_here(backbone, tokenizer, plan, stop_ids):
             "tokenizer": f"{stem}.tokenizer.model" if tokenizer is not None else None,
         }
         weight_bytes = sum(int(np.prod(v.shape)) * 4 for v in backbone.variables)
-        flatbuffer = convert_to_litert(
-            saved_model, list(concrete_names(plan)), plan.quantization, weight_bytes
-        )
+        flatbuffer = convert_to_litert(saved_model, signature_keys, plan.quantization, weight_bytes)
         staged_model = os.path.join(staging, files["model"])
         with open(staged_model, "wb") as f:
             f.write(flatbuffer)
@@ -355,7 +357,7 @@ def _export_here(backbone, tokenizer, plan, stop_ids):
             quantize_int4(staged_model)
         if tokenizer is not None:
             os.replace(tokenizer.save_assets(staging), os.path.join(staging, files["tokenizer"]))
-        _write_json(
+        write_json(
             os.path.join(staging, f"{stem}.json"),
             metadata(backbone, tokenizer, plan, stop_ids, slots, files),
         )
@@ -367,10 +369,6 @@ def _export_here(backbone, tokenizer, plan, stop_ids):
         return plan.path
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def concrete_names(plan):
-    return [f"prefill_{p}" for p in plan.prefill_lengths] + ["decode"]
 
 
 def convert_to_litert(saved_model_dir, signature_keys, quantization, weight_bytes):
@@ -407,14 +405,6 @@ def quantize_int4(path):
     temporary = path + ".int4"
     result.export_model(temporary, overwrite=True)
     os.replace(temporary, path)
-
-
-def _write_json(path, payload):
-    from keras_gemma2.files import atomic_write
-
-    with atomic_write(path, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
 
 
 # ---- other backends: a TensorFlow child process ------------------------------

@@ -101,7 +101,13 @@ class Gemma2Backbone(keras.Model):
         if not isinstance(config, Gemma2Config):
             raise TypeError(f"`config` must be a Gemma2Config or dict, got {type(config).__name__}.")
         backend_utils.check_backend()
+        # `policy` goes to the layers. A DTypePolicyMap (a saved quantized model's
+        # config) gives each quantized layer its own policy by path, so the layer
+        # builds its quantized variables directly; the model itself keeps the default.
         policy = resolve_dtype_policy(dtype)
+        model_policy = policy
+        if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
+            model_policy = policy.default_policy
 
         # ---- layers ------------------------------------------------------
         token_embedding = TiedEmbedding(
@@ -144,7 +150,7 @@ class Gemma2Backbone(keras.Model):
             outputs=hidden,
             **kwargs,
         )
-        self.dtype_policy = policy  # functional models ignore the `dtype` argument
+        self.dtype_policy = model_policy  # functional models ignore the `dtype` argument
 
         self.config = config
         self.token_embedding = token_embedding
@@ -157,9 +163,22 @@ class Gemma2Backbone(keras.Model):
     def get_config(self):
         return {
             "config": self.config.to_dict(),
-            "dtype": keras.dtype_policies.serialize(self.dtype_policy),
+            "dtype": keras.dtype_policies.serialize(self._config_policy()),
             "name": self.name,
         }
+
+    def _config_policy(self):
+        """The model's policy, or a DTypePolicyMap of it plus each quantized layer's policy."""
+        from keras_gemma2.layers import own_policy
+
+        quantized = {
+            layer.path: own_policy(layer)
+            for layer in self._flatten_layers(include_self=False)
+            if layer.quantization_mode is not None
+        }
+        if not quantized:
+            return self.dtype_policy
+        return keras.dtype_policies.DTypePolicyMap(self.dtype_policy, quantized)
 
     @classmethod
     def from_config(cls, config):

@@ -1,5 +1,8 @@
 """Gemma 2 language model: the backbone plus the tied, soft-capped output projection."""
 
+import functools
+import warnings
+
 import keras
 import numpy as np
 
@@ -15,6 +18,22 @@ class Gemma2CausalLM(keras.Model):
     trains on predicting token t+1 from tokens <= t, padding ignored.
     Explicit labels (`fit(x, y)`) are used as given.
     """
+
+    def __new__(cls, *args, **kwargs):
+        model = super().__new__(cls, *args, **kwargs)
+        # Keras wraps `quantize` on each instance with its own checks, whose messages
+        # name modes this model does not support; ours run first.
+        keras_quantize = model.quantize
+
+        @functools.wraps(cls.quantize)
+        def quantize(mode=None, config=None, filters=None, **kwargs):
+            from keras_gemma2 import quantization
+
+            mode = quantization.check_request(model, mode, config)
+            return keras_quantize(mode, config=config, filters=filters, **kwargs)
+
+        model.quantize = quantize
+        return model
 
     def __init__(self, backbone, tokenizer=None, **kwargs):
         if not isinstance(backbone, Gemma2Backbone):
@@ -344,6 +363,35 @@ class Gemma2CausalLM(keras.Model):
 
         return lora.merge_lora(self)
 
+    # ---- quantization -------------------------------------------------------
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        """Quantize the weights in place: "int8" or "int4". Returns nothing, like Keras.
+
+        The attention and feed-forward projections use Keras' own quantization
+        (int4: Keras' default sub-channel blocks of 128; pass a
+        `keras.quantizers.Int4QuantizationConfig` as `config` to change that);
+        the tied embedding keeps one symmetric scale per vocabulary row, shared by
+        the token lookup and the output projection; norm scales stay float.
+        `filters` (a regex searched in each layer's path, a list of them, or a
+        callable) narrows the layers. Invalid requests fail before any work.
+        Save a quantized model with `model.save("m.keras")`.
+        """
+        from keras_gemma2 import quantization
+
+        mode = quantization.check_request(self, mode, config)  # cheap; also for Gemma2CausalLM.quantize(model, ...)
+        select = quantization.layer_filter(filters)
+        with warnings.catch_warnings():
+            # Keras' own quantizers convert variables with np.array (a numpy 2 notice).
+            warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
+            super().quantize(mode, config=config, filters=select, **kwargs)
+        self._generator = None  # compiled generation functions captured the float variables
+
+    def weight_bytes(self):
+        """Bytes held by the model's variables (e.g. before and after `quantize`)."""
+        from keras_gemma2 import quantization
+
+        return quantization.weight_bytes(self)
+
     # ---- presets --------------------------------------------------------
     @classmethod
     def from_preset(cls, preset, dtype=None, **kwargs):
@@ -358,16 +406,37 @@ class Gemma2CausalLM(keras.Model):
         save_preset(self.backbone, preset_dir, tokenizer=self.tokenizer, max_shard_size=max_shard_size)
 
     def get_config(self):
-        return {
+        config = {
             "backbone": keras.saving.serialize_keras_object(self.backbone),
             "name": self.name,
         }
+        if self.tokenizer is not None:  # the vocabulary itself is an asset (save_assets)
+            config["tokenizer"] = {"add_bos": self.tokenizer.add_bos, "add_eos": self.tokenizer.add_eos}
+        return config
 
     @classmethod
     def from_config(cls, config):
         config = dict(config)
         config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
-        return cls(**config)
+        tokenizer_options = config.pop("tokenizer", None)
+        model = cls(**config)
+        model._tokenizer_options = tokenizer_options  # read by load_assets
+        return model
+
+    # `model.save("m.keras")` / `keras.saving.load_model`: the tokenizer travels as an asset.
+    def save_assets(self, dir_path):
+        if self.tokenizer is not None:
+            self.tokenizer.save_assets(dir_path)
+
+    def load_assets(self, dir_path):
+        import os
+
+        from keras_gemma2.tokenizer import Gemma2Tokenizer
+
+        options = getattr(self, "_tokenizer_options", None)
+        path = os.path.join(dir_path, "tokenizer.model")
+        if options is not None and os.path.exists(path):
+            self.tokenizer = Gemma2Tokenizer(path, **options)
 
 
 def _tokens_covering(tokenizer, ids, text):

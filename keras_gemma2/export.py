@@ -34,6 +34,7 @@ import time
 import keras
 import numpy as np
 
+from keras_gemma2 import litert_weights
 from keras_gemma2 import tokenizer as tokenizer_module
 from keras_gemma2.checkpoints.safetensors_io import write_json
 
@@ -70,8 +71,10 @@ def export(
     `format`: "litert" (path ends in .tflite; the tokenizer and a metadata file
     are written beside it as `<stem>.tokenizer.model` / `<stem>.json`) or
     "saved_model" (path is a new directory; tokenizer and metadata inside).
-    `quantization`: None (float32), "int8" (per-channel int8 weights, float
-    activations) or "int4" (through ai-edge-quantizer); LiteRT only.
+    `quantization`: None (float32), "int8" or "int4". LiteRT: the converter's
+    per-channel int8 weights with float activations / ai-edge-quantizer's
+    channel-wise int4. SavedModel: the weights of a Keras-quantized copy of the
+    model (`Gemma2CausalLM.quantize`), dequantized inside the graph.
     `cache_length`: positions the KV cache holds (prompt + generated tokens).
     `prefill_lengths`: the static prompt buckets, each <= cache_length.
     """
@@ -90,11 +93,6 @@ def plan_export(model, path, format, quantization, cache_length, prefill_lengths
     if quantization not in QUANTIZATIONS:
         raise ValueError(
             f"Unknown quantization {quantization!r}; use None (float32), 'int8' or 'int4'."
-        )
-    if quantization is not None and format != "litert":
-        raise ValueError(
-            f"Quantized export ({quantization}) is LiteRT only for now; use format='litert', "
-            "or quantization=None for a float32 SavedModel."
         )
     path = os.path.abspath(os.fspath(path))
     if format == "litert" and not path.endswith(".tflite"):
@@ -145,10 +143,23 @@ def plan_export(model, path, format, quantization, cache_length, prefill_lengths
         if getattr(layer, "quantization_mode", None)
     })
     if quantized:
-        raise ValueError(
-            f"This model was quantized in Keras ({', '.join(quantized)}); export the float "
-            "model and pass quantization='int8' / 'int4' to export instead."
-        )
+        if format == "litert":
+            raise ValueError(
+                f"This model was quantized in Keras ({', '.join(quantized)}); for LiteRT export the "
+                "float model and pass quantization='int8' / 'int4' (the converter quantizes)."
+            )
+        if quantization not in (None, *quantized) or len(quantized) > 1:
+            raise ValueError(
+                f"This model is already quantized in Keras ({', '.join(quantized)}); export it "
+                f"with quantization=None or {quantized[0]!r}."
+            )
+        if keras.backend.backend() != "tensorflow":
+            raise ValueError(
+                "A model quantized in Keras exports in a TensorFlow-backend process only; under "
+                f"{keras.backend.backend()} export the float model with quantization="
+                f"{quantized[0]!r} (the export process quantizes it)."
+            )
+        quantization = quantized[0]
     return ExportPlan(
         path, format, quantization, int(cache_length), tuple(sorted({int(p) for p in prefill_lengths}))
     )
@@ -172,21 +183,28 @@ def _stop_ids(model):
 
 
 # ---- the traced signatures (TensorFlow backend) -------------------------------
-def quantize_rows(table):
-    """Symmetric int8 per row: (int8 [rows, cols], float32 scales [rows])."""
-    table = np.asarray(table, np.float32)
-    scale = np.abs(table).max(axis=1) / 127.0
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    return np.clip(np.rint(table / scale[:, None]), -127, 127).astype(np.int8), scale
+def quantize_rows(variable, rows_per_chunk=8192):
+    """Symmetric int8 per row of a Keras variable, a chunk of rows at a time (the 2B's
+    table is 2.4 GB in float32): (int8 [rows, cols], float32 scales [rows])."""
+    rows = variable.shape[0]
+    codes, scales = np.empty(variable.shape, np.int8), np.empty((rows,), np.float32)
+    for start in range(0, rows, rows_per_chunk):
+        chunk = keras.ops.convert_to_numpy(variable[start : start + rows_per_chunk])
+        codes[start : start + len(chunk)], scales[start : start + len(chunk)] = (
+            litert_weights.quantize_channels(chunk)
+        )
+    return codes, scales
 
 
-def build_signatures(backbone, cache_length, prefill_lengths, int8_lookup=False):
+def build_signatures(backbone, cache_length, prefill_lengths, int8_lookup=False, template=False):
     """A tf.Module with `prefill_{P}` and `decode` tf.functions over the backbone's weights.
 
     The module holds the backbone's underlying tf.Variables (not the Keras
     layers): traced under a StatelessScope that maps each Keras variable to
     its tf.Variable, the graph reads plain variables, which the TFLite
-    converter freezes into constants.
+    converter freezes into constants. `template=True` maps block l's variables
+    to block l % 2's (see litert_weights): the module then holds the embedding
+    and two blocks, whatever the depth.
     """
     import tensorflow as tf
     from keras import ops
@@ -203,19 +221,27 @@ def build_signatures(backbone, cache_length, prefill_lengths, int8_lookup=False)
     ]
 
     module = tf.Module()
-    module.weights = [v.value for v in keras_variables]
+    sources = litert_weights.template_sources(backbone) if template else keras_variables
+    tf_variables = {}  # one tf.Variable per source (the template shares them across blocks)
+    for source in sources:
+        if id(source) not in tf_variables:
+            tf_variables[id(source)] = (
+                tf.Variable(source, trainable=False) if isinstance(source, np.ndarray) else source.value
+            )
+    module.weights = list(tf_variables.values())
+    read = [tf_variables[id(source)] for source in sources]
     embedding = backbone.token_embedding
     if int8_lookup:
         # The token lookup reads an int8 copy (a row per token, dequantized on the fly);
         # the output projection keeps the float table for the converter to quantize.
-        table, row_scale = quantize_rows(keras.ops.convert_to_numpy(embedding.embeddings))
+        table, row_scale = quantize_rows(embedding.embeddings)
         module.lookup_table = tf.Variable(table, trainable=False, name="lookup_table")
         module.lookup_scale = tf.Variable(row_scale, trainable=False, name="lookup_scale")
         del table, row_scale
 
     @contextlib.contextmanager
     def scope():
-        with keras.StatelessScope(state_mapping=list(zip(keras_variables, module.weights))):
+        with keras.StatelessScope(state_mapping=list(zip(keras_variables, read))):
             if not int8_lookup:
                 yield
                 return
@@ -316,16 +342,26 @@ def _version():
     return __version__
 
 
-def _export_here(backbone, tokenizer, plan, stop_ids):
-    """Trace, save and (for LiteRT) convert in this TensorFlow-backend process."""
+def _export_here(backbone, tokenizer, plan, stop_ids, stitch=True):
+    """Trace, save and (for LiteRT) convert in this TensorFlow-backend process.
+
+    An int8 LiteRT export converts a two-block template and writes every
+    block's own weights into it (`litert_weights`): the converter's memory
+    then does not grow with depth. `stitch=False` converts the whole model
+    directly (the reference the tests compare against).
+    """
     import tensorflow as tf
 
     parent = os.path.dirname(plan.path)
+    stitched = stitch and plan.format == "litert" and plan.quantization == "int8"
+    if plan.format == "saved_model" and plan.quantization and not _keras_quantized(backbone):
+        backbone = _quantized_copy(backbone, plan.quantization)
     staging = tempfile.mkdtemp(prefix=".export-partial-", dir=parent)
     try:
         module, concrete, slots = build_signatures(
             backbone, plan.cache_length, plan.prefill_lengths,
             int8_lookup=plan.format == "litert" and plan.quantization is not None,
+            template=stitched,
         )
         saved_model = os.path.join(staging, "saved_model")
         tf.saved_model.save(module, saved_model, signatures=concrete)
@@ -347,12 +383,15 @@ def _export_here(backbone, tokenizer, plan, stop_ids):
             "model": os.path.basename(plan.path),
             "tokenizer": f"{stem}.tokenizer.model" if tokenizer is not None else None,
         }
-        weight_bytes = sum(int(np.prod(v.shape)) * 4 for v in backbone.variables)
-        flatbuffer = convert_to_litert(saved_model, signature_keys, plan.quantization, weight_bytes)
         staged_model = os.path.join(staging, files["model"])
-        with open(staged_model, "wb") as f:
-            f.write(flatbuffer)
-        del flatbuffer
+        if stitched:
+            template = os.path.join(staging, "template.tflite")
+            convert_file(saved_model, template, signature_keys, plan.quantization, buffer_offsets=True)
+            shutil.rmtree(saved_model)
+            litert_weights.stitch(template, staged_model, backbone)
+            os.remove(template)
+        else:
+            convert_file(saved_model, staged_model, signature_keys, plan.quantization)
         if plan.quantization == "int4":
             quantize_int4(staged_model)
         if tokenizer is not None:
@@ -369,6 +408,60 @@ def _export_here(backbone, tokenizer, plan, stop_ids):
         return plan.path
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _keras_quantized(backbone):
+    return any(getattr(layer, "quantization_mode", None) for layer in backbone._flatten_layers())
+
+
+def _quantized_copy(backbone, mode):
+    """A Keras-quantized copy (the caller's model stays float)."""
+    from keras_gemma2.backbone import Gemma2Backbone
+    from keras_gemma2.causal_lm import Gemma2CausalLM
+
+    copy = Gemma2Backbone.from_config(backbone.get_config())
+    for target, source in zip(copy.variables, backbone.variables):
+        target.assign(source)
+    Gemma2CausalLM(copy).quantize(mode)
+    return copy
+
+
+def _directory_bytes(path):
+    return sum(
+        os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names
+    )
+
+
+def convert_file(saved_model_dir, output_path, signature_keys, quantization, buffer_offsets=False):
+    """SavedModel -> .tflite; above 1 GB of weights in a child process.
+
+    The converter never frees its constants (MLIR attributes), so a large
+    conversion runs in a process of its own that returns all of it on exit.
+    `buffer_offsets`: tensor data after the flatbuffer even for a small model
+    (the layout of every large one), as the stitched export's template always is.
+    """
+    if _directory_bytes(saved_model_dir) <= _LARGE_MODEL_BYTES:
+        weight_bytes = 1 << 62 if buffer_offsets else 0
+        flatbuffer = convert_to_litert(saved_model_dir, signature_keys, quantization, weight_bytes)
+        with open(output_path, "wb") as f:
+            f.write(flatbuffer)
+        return
+    command = [
+        sys.executable, "-c", "from keras_gemma2.export import _convert_cli; _convert_cli()",
+        saved_model_dir, output_path, str(quantization), *signature_keys,
+    ]
+    environment = {**os.environ, "KERAS_BACKEND": "tensorflow"}
+    result = subprocess.run(command, env=environment, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError("The TFLite conversion process failed:\n" + result.stderr[-4000:])
+
+
+def _convert_cli():
+    saved_model_dir, output_path, quantization, *signature_keys = sys.argv[1:]
+    quantization = None if quantization == "None" else quantization
+    flatbuffer = convert_to_litert(saved_model_dir, signature_keys, quantization, 1 << 62)
+    with open(output_path, "wb") as f:
+        f.write(flatbuffer)
 
 
 def convert_to_litert(saved_model_dir, signature_keys, quantization, weight_bytes):

@@ -56,11 +56,51 @@ class RMSNorm(keras.layers.Layer):
         return {**super().get_config(), "epsilon": self.epsilon, "output_dtype": self.output_dtype}
 
 
+# Keras-side weight quantization of the tied embedding (`model.quantize`): the
+# largest code each mode stores, symmetric around zero.
+EMBEDDING_QUANTIZATION_BOUNDS = {"int8": 127, "int4": 7}
+
+
+def quantize_embedding_rows(table, mode, rows_per_chunk=4096):
+    """Symmetric per-row quantization: (int8 codes [rows, cols], float32 scales [rows]).
+
+    `row * scale` approximates the row; codes lie in [-127, 127] ("int8") or
+    [-7, 7] ("int4", not yet packed). An all-zero row gets scale 1. Chunks of
+    rows bound the float32 temporaries for large vocabularies.
+    """
+    bound = float(EMBEDDING_QUANTIZATION_BOUNDS[mode])
+    codes, scales = [], []
+    for start in range(0, table.shape[0], rows_per_chunk):
+        chunk = ops.cast(table[start : start + rows_per_chunk], "float32")
+        largest = ops.max(ops.abs(chunk), axis=-1)
+        scale = ops.where(largest > 0, largest / bound, ops.ones_like(largest))
+        code = ops.clip(ops.round(chunk / scale[:, None]), -bound, bound)
+        codes.append(ops.cast(code, "int8"))
+        scales.append(scale)
+    return ops.concatenate(codes, axis=0), ops.concatenate(scales, axis=0)
+
+
+def own_policy(layer):
+    """The layer's own dtype policy (its entry when it holds a DTypePolicyMap)."""
+    policy = layer.dtype_policy
+    if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
+        return policy[layer.path]
+    return policy
+
+
 class TiedEmbedding(keras.layers.Layer):
     """Token embedding scaled by sqrt(hidden), reused as the output projection.
 
     `call(token_ids)` embeds; `call(hidden, reverse=True)` projects onto the
     vocabulary and applies the final logit soft-cap, returning float32 logits.
+
+    `quantize("int8" | "int4")` (normally through `Gemma2CausalLM.quantize`)
+    replaces the float table with codes and one float32 scale per vocabulary
+    row: a token's embedding is `codes[t] * scale[t]` and the logits are
+    `(x @ codes^T) * scale`, then the soft-cap. int8 keeps one code per byte
+    (`embeddings` [vocab, hidden] int8); int4 packs two per byte (`embeddings`
+    [vocab, ceil(hidden / 2)] int8, unpacked on the fly). The scales are
+    `embeddings_scale` [vocab] float32.
     """
 
     def __init__(self, vocabulary_size, hidden_dim, logit_soft_cap, **kwargs):
@@ -73,6 +113,11 @@ class TiedEmbedding(keras.layers.Layer):
         self.int8_lookup = None
 
     def build(self, input_shape=None):
+        if self.quantization_mode is not None:
+            # A quantized policy at construction (a saved quantized model being
+            # rebuilt from its config): create the quantized variables directly.
+            self.quantized_build(input_shape, self.quantization_mode)
+            return
         self.embeddings = self.add_weight(
             name="embeddings",
             shape=(self.vocabulary_size, self.hidden_dim),
@@ -85,15 +130,7 @@ class TiedEmbedding(keras.layers.Layer):
         if reverse:
             dtype = wide_dtype(self.compute_dtype)
             kernel = ops.cast(self.embeddings, dtype)
-            inputs = ops.cast(inputs, dtype)
-            if len(inputs.shape) == 3 and inputs.shape[1] == 1:
-                # One position (decoding): [vocab, hidden] x [hidden, batch] with the
-                # table as the left operand, then a transpose of the small result.
-                # `inputs @ kernel.T` made XLA CPU copy the transposed table (or run a
-                # naive loop) on every step.
-                logits = ops.transpose(ops.einsum("vd,btd->vbt", kernel, inputs), (1, 2, 0))
-            else:
-                logits = ops.matmul(inputs, ops.transpose(kernel))
+            logits = self._vocabulary_product(kernel, ops.cast(inputs, dtype))
             return soft_cap(logits, self.logit_soft_cap)
         ids = ops.cast(inputs, "int32")
         if self.int8_lookup is not None:
@@ -101,10 +138,114 @@ class TiedEmbedding(keras.layers.Layer):
             x = ops.cast(ops.take(table, ids, axis=0), "float32") * ops.take(row_scale, ids, axis=0)[..., None]
         else:
             x = ops.take(self.embeddings, ids, axis=0)
+        return self._scale_embedded(x)
+
+    @staticmethod
+    def _vocabulary_product(kernel, inputs):
+        """`inputs @ kernel^T`: [batch, seq, hidden] x [vocab, hidden] -> [batch, seq, vocab]."""
+        if len(inputs.shape) == 3 and inputs.shape[1] == 1:
+            # One position (decoding): [vocab, hidden] x [hidden, batch] with the
+            # table as the left operand, then a transpose of the small result.
+            # `inputs @ kernel.T` made XLA CPU copy the transposed table (or run a
+            # naive loop) on every step.
+            return ops.transpose(ops.einsum("vd,btd->vbt", kernel, inputs), (1, 2, 0))
+        return ops.matmul(inputs, ops.transpose(kernel))
+
+    def _scale_embedded(self, x):
         x = ops.cast(x, self.compute_dtype)
         # The scale is cast to the compute dtype first (bfloat16 2B: exactly 48.0).
         scale = ops.cast(ops.sqrt(float(self.hidden_dim)), self.compute_dtype)
         return x * scale
+
+    # ---- quantization (Keras' protocol: quantize / quantized_build / _int8_call ...) ----
+    def quantize(self, mode=None, type_check=True, config=None):
+        # `config` (a Keras QuantizationConfig) is accepted for the protocol but not
+        # used: the table always gets symmetric per-row scales, which both the lookup
+        # and the tied output projection read.
+        if mode not in EMBEDDING_QUANTIZATION_BOUNDS:
+            raise self._quantization_mode_error(mode)
+        codes, scale = quantize_embedding_rows(self.embeddings.value, mode)
+        if mode == "int4":
+            codes = keras.quantizers.pack_int4(codes, axis=-1)[0]
+        source = own_policy(self).name
+        del self.embeddings  # untracks the float table
+        self.quantized_build(None, mode)
+        self.embeddings.assign(codes)
+        self.embeddings_scale.assign(scale)
+        self.dtype_policy = f"{mode}_from_{source}"
+
+    def quantized_build(self, input_shape, mode, config=None):
+        if mode not in EMBEDDING_QUANTIZATION_BOUNDS:
+            raise self._quantization_mode_error(mode)
+        columns = self.hidden_dim if mode == "int8" else (self.hidden_dim + 1) // 2
+        self.embeddings = self.add_weight(
+            name="embeddings",
+            shape=(self.vocabulary_size, columns),
+            initializer="zeros",
+            dtype="int8",
+            trainable=False,
+        )
+        self.embeddings_scale = self.add_weight(
+            name="embeddings_scale",
+            shape=(self.vocabulary_size,),
+            initializer="ones",
+            dtype="float32",
+            trainable=False,
+        )
+        self._is_quantized = True
+
+    def _codes(self, packed):
+        """int8 codes [..., hidden] from stored rows (unpacked in int4 mode)."""
+        if self.quantization_mode == "int4":
+            return keras.quantizers.unpack_int4(packed, self.hidden_dim, axis=-1)
+        return packed
+
+    def _int8_call(self, inputs, reverse=False):
+        if reverse:
+            dtype = wide_dtype(self.compute_dtype)
+            # |code| <= 127 is exact in every float dtype, bfloat16 included.
+            kernel = ops.cast(self._codes(self.embeddings), dtype)
+            logits = self._vocabulary_product(kernel, ops.cast(inputs, dtype))
+            logits = ops.cast(logits, "float32") * self.embeddings_scale
+            return soft_cap(logits, self.logit_soft_cap)
+        ids = ops.cast(inputs, "int32")
+        codes = self._codes(ops.take(self.embeddings, ids, axis=0))
+        row_scale = ops.take(self.embeddings_scale, ids, axis=0)
+        return self._scale_embedded(ops.cast(codes, "float32") * row_scale[..., None])
+
+    # Same math; `_codes` unpacks the two codes per byte.
+    _int4_call = _int8_call
+
+    def _quantization_mode_error(self, mode):
+        return NotImplementedError(
+            f"TiedEmbedding supports quantization modes {tuple(EMBEDDING_QUANTIZATION_BOUNDS)}; "
+            f"got {mode!r}."
+        )
+
+    # ---- saving: an explicit variable order per mode ---------------------------------------
+    def _saved_variable_names(self):
+        if self.quantization_mode is None:
+            return ("embeddings",)
+        return ("embeddings", "embeddings_scale")
+
+    def save_own_variables(self, store):
+        if not self.built:
+            return
+        for index, name in enumerate(self._saved_variable_names()):
+            store[str(index)] = getattr(self, name)
+
+    def load_own_variables(self, store):
+        if not self.built:
+            return
+        names = self._saved_variable_names()
+        if len(store.keys()) != len(names):
+            raise ValueError(
+                f"Layer {self.name!r} ({self.quantization_mode or 'float'}) expects "
+                f"{len(names)} saved variables {names}, the file holds {len(store.keys())}: "
+                "it was saved from a model quantized differently (or not at all)."
+            )
+        for index, name in enumerate(names):
+            getattr(self, name).assign(store[str(index)])
 
     def compute_output_spec(self, inputs, reverse=False):
         if reverse:
@@ -294,7 +435,13 @@ class Gemma2FeedForward(keras.layers.Layer):
         self.gate = dense("gate", self.intermediate_dim, self.dtype_policy)
         self.up = dense("up", self.intermediate_dim, self.dtype_policy)
         # The gated product and the down projection can pass float16's range.
-        down_dtype = "float32" if self.compute_dtype == "float16" else self.dtype_policy
+        down_dtype = self.dtype_policy
+        if self.compute_dtype == "float16":
+            down_dtype = "float32"
+            if isinstance(self.dtype_policy, keras.dtype_policies.DTypePolicyMap):
+                # A saved quantized model: keep the per-layer entries (down's own
+                # entry says "..._from_float32"), float32 for the rest.
+                down_dtype = keras.dtype_policies.DTypePolicyMap("float32", dict(self.dtype_policy.items()))
         self.down = dense("down", hidden_dim, down_dtype)
 
     def call(self, x):

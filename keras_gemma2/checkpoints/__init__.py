@@ -190,6 +190,16 @@ def save_preset(backbone, preset_dir, tokenizer=None, max_shard_size="4GB"):
     Files go to a temporary sibling directory that is renamed into place at
     the end, so a failure never leaves a half-written preset.
     """
+    from keras_gemma2.quantization import quantization_modes
+
+    quantized = quantization_modes(backbone)
+    if quantized:
+        raise ValueError(
+            f"This model is quantized in Keras ({', '.join(quantized)}); a preset holds float "
+            "(transformers-format) weights. Save it with model.save('model.keras') and load "
+            "that with keras.saving.load_model, or save the float model to a preset and "
+            "quantize after loading."
+        )
     preset_dir = os.path.abspath(os.fspath(preset_dir))
     if os.path.exists(preset_dir) and (not os.path.isdir(preset_dir) or os.listdir(preset_dir)):
         raise FileExistsError(

@@ -1,0 +1,520 @@
+"""int8 LiteRT files of any size in a few GB: convert a template, then write each block's weights.
+
+The TFLite converter keeps every constant several times over (MLIR attributes
+are never freed, and it folds norm scales into the following weights as new
+copies): converting the 2B directly needs about 38 GB. `keras_gemma2.export`
+therefore converts a *template*: the whole graph (every layer, every
+signature) in which block l reads block l % 2's variables, so the converter
+only ever holds the embedding and two blocks. This module rewrites the
+template flatbuffer so that every block gets its own weights:
+
+* each block's fully-connected weights, folded as the converter folds them
+  (the pre-norm scale 1 + w multiplies the input columns of the projections
+  that follow the norm) and quantized as it quantizes them (symmetric int8
+  per output channel, scale = max|w| / 127), and its post-norm scales;
+* blocks 0 and 1 are real in the template, so every export first checks this
+  module's int8 against the converter's on them and stops if they differ;
+* the tied output projection reads the int8 token-lookup table (one copy of
+  the embedding in the file, as in LiteRT's published Gemma 2). The final-norm
+  scale and 1/soft-cap, which the converter had folded into that weight,
+  become one MUL in front of it.
+
+Weights are streamed to the output one tensor at a time (tensor data after the
+flatbuffer, at the offsets the LiteRT runtime reads for files over 2 GB).
+"""
+
+import collections
+import copy
+
+import numpy as np
+
+_ALIGNMENT = 64
+# Projection name -> (kernel path in a block, pre-norm folded into its input columns or None).
+PROJECTIONS = {
+    "query": ("attention/query/kernel", "pre_attention_norm"),
+    "key": ("attention/key/kernel", "pre_attention_norm"),
+    "value": ("attention/value/kernel", "pre_attention_norm"),
+    "attention_output": ("attention/attention_output/kernel", None),
+    "gate": ("feedforward/gate/kernel", "pre_feedforward_norm"),
+    "up": ("feedforward/up/kernel", "pre_feedforward_norm"),
+    "down": ("feedforward/down/kernel", None),
+}
+POST_NORMS = ("post_attention_norm", "post_feedforward_norm")
+
+
+def template_sources(backbone):
+    """What the template reads for each of `backbone.variables`: a Keras variable or an array.
+
+    Block l reads block l % 2's variables, except its post-norm scales, which
+    read `template_post_norm` values, and the final norm reads
+    `template_final_norm`: with a scale at its initial 0 the converter would
+    drop the multiply by 1 + 0, leaving no op to write the real scale into.
+    """
+    by_path = {v.path: v for v in backbone.variables}
+    sources, substitutes = [], {}
+    for variable in backbone.variables:
+        head, _, rest = variable.path.partition("/")
+        norm = rest.partition("/")[0]
+        if variable.path == "final_norm/scale":
+            sources.append(template_final_norm(variable.shape[0]))
+        elif head.startswith("decoder_block_") and norm in POST_NORMS:
+            representative = int(head[len("decoder_block_"):]) % 2
+            key = (representative, norm)
+            if key not in substitutes:
+                substitutes[key] = template_post_norm(representative, norm, variable.shape[0])
+            sources.append(substitutes[key])
+        else:
+            sources.append(by_path[_template_path(variable.path)])
+    return sources
+
+
+def template_final_norm(hidden):
+    return (0.125 + 0.001 * np.arange(hidden) / hidden).astype(np.float32)
+
+
+def template_post_norm(representative, name, hidden):
+    """A post-norm scale w for the template: 1 + w is distinct per block and norm, never 1."""
+    step = 2 * representative + POST_NORMS.index(name) + 1
+    return (0.25 * step + 0.001 * np.arange(hidden) / hidden).astype(np.float32)
+
+
+def _template_path(path):
+    head, _, rest = path.partition("/")
+    if head.startswith("decoder_block_"):
+        return f"decoder_block_{int(head[len('decoder_block_'):]) % 2}/{rest}"
+    return path
+
+
+def quantize_channels(weights):
+    """Symmetric int8 per row (output channel): (int8 [out, in], float32 scale [out])."""
+    weights = np.asarray(weights, np.float32)
+    scale = np.abs(weights).max(axis=1) / np.float32(127.0)
+    safe = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+    # Halves round away from zero, like the converter (std::round); numpy's rint rounds
+    # them to even, and weights that came from bfloat16 land on halves often.
+    scaled = (weights / safe[:, None]).astype(np.float64)
+    return np.clip(np.trunc(scaled + np.copysign(0.5, scaled)), -127, 127).astype(np.int8), safe
+
+
+class BlockWeights:
+    """A backbone's per-block weights in the converter's layout ([out, in], folds applied)."""
+
+    def __init__(self, backbone):
+        self._variables = {v.path: v for v in backbone.variables}
+        self.config = backbone.config
+
+    def value(self, path):
+        import keras
+
+        return np.asarray(keras.ops.convert_to_numpy(self._variables[path]), np.float32)
+
+    def projection(self, block, name):
+        kernel_path, norm = PROJECTIONS[name]
+        kernel = self.value(f"decoder_block_{block}/{kernel_path}")
+        if name == "attention_output":  # [heads, head_dim, hidden]
+            weights = kernel.reshape(-1, kernel.shape[-1]).T
+        else:  # [hidden, heads, head_dim] or [in, out]
+            weights = kernel.reshape(kernel.shape[0], -1).T
+        if norm is not None:
+            weights = weights * (np.float32(1.0) + self.value(f"decoder_block_{block}/{norm}/scale"))[None, :]
+        return np.ascontiguousarray(weights, np.float32)
+
+    def post_norm(self, block, name):
+        return np.float32(1.0) + self.value(f"decoder_block_{block}/{name}/scale")
+
+    def embedding_row_scales(self, rows_per_chunk=8192):
+        """The token-lookup table's per-row scales (as export.quantize_rows computes them)."""
+        table = self._variables["token_embedding/embeddings"]
+        import keras
+
+        return np.concatenate([
+            quantize_channels(keras.ops.convert_to_numpy(table[start : start + rows_per_chunk]))[1]
+            for start in range(0, table.shape[0], rows_per_chunk)
+        ])
+
+    def final_norm(self):
+        return np.float32(1.0) + self.value("final_norm/scale")
+
+    def logits_folds(self):
+        """What the converter may fold into the tied projection's input columns, as
+        {name: (factor with the template's final norm, factor with the real one)}."""
+        hidden = self.config.hidden_dim
+        template_norm = np.float32(1.0) + template_final_norm(hidden)
+        cap = np.float32(self.config.final_logit_soft_cap or 1.0)
+        ones = np.ones(hidden, np.float32)
+        return {
+            "final norm and 1/soft-cap": (template_norm / cap, self.final_norm() / cap),
+            "final norm": (template_norm, self.final_norm()),
+            "1/soft-cap": (ones / cap, ones / cap),
+            "nothing": (ones, ones),
+        }
+
+
+class _Template:
+    """A converted template .tflite, memory-mapped (tensor data stays on disk)."""
+
+    def __init__(self, path):
+        from tensorflow.lite.python import schema_py_generated as schema
+
+        self.schema = schema
+        self.raw = np.memmap(path, np.uint8, mode="r")
+        self.model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(self.raw, 0))
+        for subgraph in self.model.subgraphs:  # editable index lists (not read-only views)
+            for op in subgraph.operators:
+                op.inputs = [int(i) for i in op.inputs]
+                op.outputs = [int(i) for i in op.outputs]
+        self.codes = [
+            max(code.builtinCode, code.deprecatedBuiltinCode) for code in self.model.operatorCodes
+        ]
+
+    def data(self, buffer_index):
+        buffer = self.model.buffers[buffer_index]
+        if buffer.offset and buffer.offset > 1:
+            return self.raw[buffer.offset : buffer.offset + buffer.size]
+        return np.asarray(buffer.data if buffer.data is not None else [], np.uint8)
+
+    def has_data(self, buffer_index):
+        buffer = self.model.buffers[buffer_index]
+        return (buffer.offset and buffer.offset > 1 and buffer.size) or (
+            buffer.data is not None and len(buffer.data)
+        )
+
+    def array(self, tensor):
+        dtype = {self.schema.TensorType.INT8: np.int8, self.schema.TensorType.FLOAT32: np.float32}[tensor.type]
+        return self.data(tensor.buffer).view(dtype).reshape(tuple(int(d) for d in tensor.shape))
+
+
+def _agrees(q, scale, reference):
+    """The converter's int8 and ours: same scales, values within 1 step, >= 99% equal.
+
+    (The converter's float arithmetic differs from numpy's in the last bit now and
+    then, which moves a value sitting near a half step: 0.1-0.3% of a trained
+    model's weights. Any other weight differs almost everywhere.)"""
+    ref_q, ref_scale = reference
+    if q.shape != ref_q.shape or not np.allclose(scale, ref_scale, rtol=1e-5, atol=0):
+        return False
+    difference = np.abs(q.astype(np.int16) - ref_q.astype(np.int16))
+    return difference.max() <= 1 and np.count_nonzero(difference) <= max(1, q.size // 100)
+
+
+def stitch(template_path, output_path, backbone):
+    """Write `output_path`: the template with every block's own int8 weights. Returns its size."""
+    template = _Template(template_path)
+    schema = template.schema
+    ops_enum = schema.BuiltinOperator
+    model = template.model
+    config = backbone.config
+    weights = BlockWeights(backbone)
+    representatives = range(min(2, config.num_layers))
+    hidden, vocab = config.hidden_dim, config.vocabulary_size
+
+    reference_fc = {
+        (r, name): quantize_channels(weights.projection(r, name)) for r in representatives for name in PROJECTIONS
+    }
+    reference_norm = {
+        (r, name): np.float32(1.0) + template_post_norm(r, name, hidden) for r in representatives for name in POST_NORMS
+    }
+    final_norm_reference = np.float32(1.0) + template_final_norm(hidden)
+    identified = {}  # template buffer -> candidate (representative, name) keys (shared across sites)
+
+    def constant(subgraph, index):
+        return index >= 0 and template.has_data(subgraph.tensors[index].buffer)
+
+    def candidates(tensor, references, same):
+        if tensor.buffer not in identified:
+            identified[tensor.buffer] = [key for key, ref in references.items() if same(tensor, ref)]
+        return identified[tensor.buffer]
+
+    def same_fc(tensor, reference):
+        if tensor.type != schema.TensorType.INT8 or tensor.quantization is None:
+            return False
+        return _agrees(template.array(tensor), np.asarray(tensor.quantization.scale, np.float32), reference)
+
+    def same_norm(tensor, reference):
+        return tensor.type == schema.TensorType.FLOAT32 and np.allclose(
+            template.array(tensor).reshape(-1), reference, rtol=1e-6, atol=1e-7
+        )
+
+    # 1. Find each block's sites: (subgraph, op, input slot) -> (block, name).
+    sites, logits_sites, lookup, scale_gathers = [], [], {}, []
+    for s, subgraph in enumerate(model.subgraphs):
+        counts = collections.Counter()
+
+        def assign(keys, what):
+            keys = [k for k in keys if config.num_layers == 1 or counts[k[1]] % 2 == k[0]]
+            if not keys:
+                raise RuntimeError(
+                    f"LiteRT int8 export: a {what} in signature {subgraph.name!r} matches no block "
+                    "weight; the converter changed how it lays out weights. Export with a smaller "
+                    "model or an older converter, and report this."
+                )
+            r, name = min(keys, key=lambda k: counts[k[1]])
+            block = counts[name]
+            counts[name] += 1
+            return block, name
+
+        for o, op in enumerate(subgraph.operators):
+            code = template.codes[op.opcodeIndex]
+            inputs = [int(i) for i in op.inputs]
+            if code == ops_enum.FULLY_CONNECTED and len(inputs) > 1 and constant(subgraph, inputs[1]):
+                tensor = subgraph.tensors[inputs[1]]
+                if tuple(int(d) for d in tensor.shape) == (vocab, hidden):
+                    logits_sites.append((s, o))
+                    continue
+                block, name = assign(candidates(tensor, reference_fc, same_fc), "fully-connected weight")
+                sites.append((s, o, 1, block, name))
+            elif code == ops_enum.MUL:
+                for slot, index in enumerate(inputs):
+                    if constant(subgraph, index) and tuple(int(d) for d in subgraph.tensors[index].shape) == (hidden,):
+                        if same_norm(subgraph.tensors[index], final_norm_reference):
+                            sites.append((s, o, slot, None, "final_norm"))  # not folded: patch it
+                            continue
+                        keys = candidates(subgraph.tensors[index], reference_norm, same_norm)
+                        block, name = assign(keys, "post-norm scale")
+                        sites.append((s, o, slot, block, name))
+            elif code == ops_enum.GATHER and constant(subgraph, inputs[0]):
+                tensor = subgraph.tensors[inputs[0]]
+                shape = tuple(int(d) for d in tensor.shape)
+                if shape == (vocab, hidden) and tensor.type == schema.TensorType.INT8:
+                    lookup["table"] = tensor.buffer
+                elif shape == (vocab,):
+                    scale_gathers.append((subgraph, op))
+        expected = {name: config.num_layers for name in (*PROJECTIONS, *POST_NORMS)}
+        found = {name: counts[name] for name in expected}
+        if counts and found != expected:
+            raise RuntimeError(
+                f"LiteRT int8 export: signature {subgraph.name!r} has weights for {found} blocks, "
+                f"expected {config.num_layers} of each; the template did not convert as expected."
+            )
+    if logits_sites and ("table" not in lookup or not scale_gathers):
+        raise RuntimeError("LiteRT int8 export: the template has no int8 token lookup table.")
+
+    # 2. New buffers: one per (block, weight), shared by every signature.
+    payloads = {}  # buffer index -> callable returning the bytes (computed while writing)
+    scales = {}
+
+    def new_buffer(producer, size):
+        model.buffers.append(schema.BufferT())
+        index = len(model.buffers) - 1
+        payloads[index] = (producer, size)
+        return index
+
+    buffers = {}
+    for _, _, _, block, name in sites:
+        if (block, name) in buffers:
+            continue
+        if name in PROJECTIONS:
+            if block in representatives:
+                q, scale = reference_fc[(block, name)]
+            else:
+                q, scale = quantize_channels(weights.projection(block, name))
+            scales[(block, name)] = scale
+            buffers[(block, name)] = new_buffer(
+                lambda block=block, name=name: quantize_channels(weights.projection(block, name))[0], q.size
+            )
+            del q
+        elif name == "final_norm":
+            buffers[(block, name)] = new_buffer(weights.final_norm, hidden * 4)
+        else:
+            buffers[(block, name)] = new_buffer(
+                lambda block=block, name=name: weights.post_norm(block, name), hidden * 4
+            )
+
+    def quantization(template_tensor, scale):
+        params = copy.copy(template_tensor.quantization)
+        params.scale = [float(x) for x in scale]
+        params.zeroPoint = [0] * len(scale)
+        params.quantizedDimension = 0
+        return params
+
+    new_tensors = {}
+    for s, o, slot, block, name in sites:
+        subgraph = model.subgraphs[s]
+        op = subgraph.operators[o]
+        key = (s, block, name)
+        if key not in new_tensors:
+            tensor = copy.copy(subgraph.tensors[int(op.inputs[slot])])
+            tensor.buffer = buffers[(block, name)]
+            tensor.name = (f"decoder_block_{block}/{name}" if block is not None else name).encode()
+            if name in PROJECTIONS:
+                tensor.quantization = quantization(tensor, scales[(block, name)])
+            subgraph.tensors.append(tensor)
+            new_tensors[key] = len(subgraph.tensors) - 1
+        op.inputs[slot] = new_tensors[key]
+
+    # 3. The tied projection reads the lookup table; its folded input scale becomes a MUL.
+    if logits_sites:
+        table = template.array(_tensor_for_buffer(model, lookup["table"]))
+        row_scale = weights.embedding_row_scales()
+        s0, o0 = logits_sites[0]
+        folded = model.subgraphs[s0].tensors[int(model.subgraphs[s0].operators[o0].inputs[1])]
+        input_scale = real_logits_fold(template, folded, table, row_scale, weights)
+        scale_buffer = new_buffer(lambda: input_scale, hidden * 4) if input_scale is not None else None
+        mul_code = template.codes.index(ops_enum.MUL)
+        for s, o in sorted(logits_sites, reverse=True):
+            subgraph = model.subgraphs[s]
+            fc = subgraph.operators[o]
+            weight = copy.copy(subgraph.tensors[int(fc.inputs[1])])
+            weight.buffer = lookup["table"]
+            weight.name = b"token_embedding/int8_table"
+            weight.quantization = quantization(weight, row_scale)
+            subgraph.tensors.append(weight)
+            fc.inputs[1] = len(subgraph.tensors) - 1
+            if scale_buffer is None:
+                continue
+            _add_float_constant(schema, subgraph, hidden, scale_buffer, b"final_norm/logits_input_scale")
+            scaled = copy.copy(subgraph.tensors[int(fc.inputs[0])])
+            scaled.buffer = 0
+            scaled.quantization = None
+            scaled.name = b"final_norm/scaled"
+            subgraph.tensors.append(scaled)
+            mul = schema.OperatorT()
+            mul.opcodeIndex = mul_code
+            mul.inputs = [int(fc.inputs[0]), len(subgraph.tensors) - 2]
+            mul.outputs = [len(subgraph.tensors) - 1]
+            mul.builtinOptionsType = schema.BuiltinOptions.MulOptions
+            mul.builtinOptions = schema.MulOptionsT()
+            fc.inputs[0] = len(subgraph.tensors) - 1
+            subgraph.operators.insert(o, mul)
+
+    # The converter quantizes the float row-scale table too (one int8 scale for all rows,
+    # then a DEQUANTIZE): the lookup reads the exact float32 scales instead.
+    if scale_gathers:
+        scales_buffer = new_buffer(weights.embedding_row_scales, vocab * 4)
+        for subgraph, gather in scale_gathers:
+            gather.inputs[0] = _add_float_constant(schema, subgraph, vocab, scales_buffer, b"token_embedding/row_scales")
+            output = gather.outputs[0]
+            if subgraph.tensors[output].type == schema.TensorType.FLOAT32:
+                continue
+            consumers = [op for op in subgraph.operators if output in op.inputs]
+            if len(consumers) != 1 or template.codes[consumers[0].opcodeIndex] != ops_enum.DEQUANTIZE:
+                raise RuntimeError("LiteRT int8 export: unexpected use of the quantized row scales.")
+            gather.outputs[0] = consumers[0].outputs[0]
+            subgraph.operators.remove(consumers[0])
+
+    # 4. Keep the template's data only where a tensor still reads it.
+    used = {0}
+    for subgraph in model.subgraphs:
+        referenced = set()
+        for op in subgraph.operators:
+            referenced.update(int(i) for i in op.inputs if i >= 0)
+            referenced.update(int(i) for i in op.outputs)
+        referenced.update(int(i) for i in subgraph.inputs)
+        referenced.update(int(i) for i in subgraph.outputs)
+        for index, tensor in enumerate(subgraph.tensors):
+            if index in referenced:
+                used.add(tensor.buffer)
+            elif template_buffer(tensor.buffer, payloads):
+                tensor.buffer = 0
+    used.update(m.buffer for m in (model.metadata or []))
+    for index, buffer in enumerate(model.buffers):
+        if index in payloads:
+            continue
+        if index in used and template.has_data(index):
+            if buffer.offset and buffer.offset > 1:
+                # Read at the template's offset (write_flatbuffer rewrites buffer.offset).
+                start, size = int(buffer.offset), int(buffer.size)
+                payloads[index] = (lambda start=start, size=size: template.raw[start : start + size], size)
+            continue
+        if index not in used:
+            model.buffers[index] = schema.BufferT()
+    return write_flatbuffer(model, payloads, output_path, schema)
+
+
+def _add_float_constant(schema, subgraph, length, buffer, name):
+    """Append a float32 [length] tensor reading `buffer`; returns its index."""
+    tensor = schema.TensorT()
+    tensor.shape, tensor.type, tensor.buffer, tensor.name = [length], schema.TensorType.FLOAT32, buffer, name
+    subgraph.tensors.append(tensor)
+    return len(subgraph.tensors) - 1
+
+
+def template_buffer(index, payloads):
+    return index not in payloads and index != 0
+
+
+def _tensor_for_buffer(model, buffer_index):
+    for subgraph in model.subgraphs:
+        for tensor in subgraph.tensors:
+            if tensor.buffer == buffer_index:
+                return tensor
+    raise KeyError(buffer_index)
+
+
+def real_logits_fold(template, folded, table, row_scale, weights, rows_per_chunk=16384):
+    """Which input-column factor the converter folded into the tied projection, with the real
+    final norm in place of the template's; None when nothing was folded.
+
+    The folded weight is compared with the lookup table, chunk by chunk: a least-squares
+    factor per column picks the candidate, then every value must lie within one int8 step
+    of either quantization.
+    """
+    their_scale = np.asarray(folded.quantization.scale, np.float32)
+    theirs_q = template.array(folded)
+    numerator = np.zeros(table.shape[1], np.float64)
+    denominator = np.zeros(table.shape[1], np.float64)
+    for start in range(0, table.shape[0], rows_per_chunk):
+        rows = slice(start, start + rows_per_chunk)
+        theirs = theirs_q[rows].astype(np.float32) * their_scale[rows, None]
+        ours = table[rows].astype(np.float32) * row_scale[rows, None]
+        numerator += (theirs * ours).sum(0, dtype=np.float64)
+        denominator += (ours * ours).sum(0, dtype=np.float64)
+    factor = numerator / np.maximum(denominator, 1e-30)
+    for name, (template_factor, real_factor) in weights.logits_folds().items():
+        if np.max(np.abs(factor - template_factor)) > 0.02 * np.max(np.abs(template_factor)):
+            continue
+        for start in range(0, table.shape[0], rows_per_chunk):
+            rows = slice(start, start + rows_per_chunk)
+            theirs = theirs_q[rows].astype(np.float32) * their_scale[rows, None]
+            ours = table[rows].astype(np.float32) * row_scale[rows, None] * template_factor[None, :]
+            step = their_scale[rows, None] + row_scale[rows, None] * np.abs(template_factor)[None, :]
+            if not np.all(np.abs(theirs - ours) <= step * 1.01):
+                break
+        else:
+            return None if name == "nothing" else real_factor
+    raise RuntimeError(
+        "LiteRT int8 export: the tied projection's weight is not the embedding times a known "
+        "factor (final norm, 1/soft-cap); the template did not convert as expected."
+    )
+
+
+def write_flatbuffer(model, payloads, path, schema):
+    """Flatbuffer first, then every payload at a 64-byte-aligned offset (LiteRT's large-model layout)."""
+    import flatbuffers
+
+    order = sorted(payloads)
+    for index in order:
+        buffer = model.buffers[index]
+        buffer.data = None
+        buffer.size = int(payloads[index][1])
+        buffer.offset = 1 << 62  # a placeholder of the same width as the final offsets
+
+    def pack():
+        builder = flatbuffers.Builder(1 << 20)
+        builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+        return bytes(builder.Output())
+
+    head = pack()
+    position = _aligned(len(head))
+    for index in order:
+        model.buffers[index].offset = position
+        position = _aligned(position + model.buffers[index].size)
+    packed = pack()
+    if len(packed) != len(head):
+        raise RuntimeError("LiteRT int8 export: the flatbuffer changed size when offsets were set.")
+    with open(path, "wb") as f:
+        f.write(packed)
+        for index in order:
+            producer, size = payloads[index]
+            f.seek(model.buffers[index].offset)
+            data = np.ascontiguousarray(producer())
+            if data.nbytes != size:
+                raise RuntimeError(f"LiteRT int8 export: buffer {index} has {data.nbytes} bytes, expected {size}.")
+            f.write(data.tobytes())
+            del data
+        f.truncate(_aligned(f.tell()))
+    return position
+
+
+def _aligned(offset):
+    return (offset + _ALIGNMENT - 1) // _ALIGNMENT * _ALIGNMENT

@@ -183,19 +183,6 @@ def _stop_ids(model):
 
 
 # ---- the traced signatures (TensorFlow backend) -------------------------------
-def quantize_rows(variable, rows_per_chunk=8192):
-    """Symmetric int8 per row of a Keras variable, a chunk of rows at a time (the 2B's
-    table is 2.4 GB in float32): (int8 [rows, cols], float32 scales [rows])."""
-    rows = variable.shape[0]
-    codes, scales = np.empty(variable.shape, np.int8), np.empty((rows,), np.float32)
-    for start in range(0, rows, rows_per_chunk):
-        chunk = keras.ops.convert_to_numpy(variable[start : start + rows_per_chunk])
-        codes[start : start + len(chunk)], scales[start : start + len(chunk)] = (
-            litert_weights.quantize_channels(chunk)
-        )
-    return codes, scales
-
-
 def build_signatures(backbone, cache_length, prefill_lengths, int8_lookup=False, template=False):
     """A tf.Module with `prefill_{P}` and `decode` tf.functions over the backbone's weights.
 
@@ -234,7 +221,7 @@ def build_signatures(backbone, cache_length, prefill_lengths, int8_lookup=False,
     if int8_lookup:
         # The token lookup reads an int8 copy (a row per token, dequantized on the fly);
         # the output projection keeps the float table for the converter to quantize.
-        table, row_scale = quantize_rows(embedding.embeddings)
+        table, row_scale = litert_weights.quantize_rows(embedding.embeddings)
         module.lookup_table = tf.Variable(table, trainable=False, name="lookup_table")
         module.lookup_scale = tf.Variable(row_scale, trainable=False, name="lookup_scale")
         del table, row_scale

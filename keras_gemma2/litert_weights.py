@@ -26,6 +26,7 @@ flatbuffer, at the offsets the LiteRT runtime reads for files over 2 GB).
 import collections
 import copy
 
+import keras
 import numpy as np
 
 _ALIGNMENT = 64
@@ -96,6 +97,19 @@ def quantize_channels(weights):
     return np.clip(np.trunc(scaled + np.copysign(0.5, scaled)), -127, 127).astype(np.int8), safe
 
 
+def quantize_rows(variable, rows_per_chunk=8192):
+    """Symmetric int8 per row of a Keras variable, a chunk of rows at a time (the 2B's
+    table is 2.4 GB in float32): (int8 [rows, cols], float32 scales [rows])."""
+    rows = variable.shape[0]
+    codes, scales = np.empty(variable.shape, np.int8), np.empty((rows,), np.float32)
+    for start in range(0, rows, rows_per_chunk):
+        chunk = keras.ops.convert_to_numpy(variable[start : start + rows_per_chunk])
+        codes[start : start + len(chunk)], scales[start : start + len(chunk)] = (
+            quantize_channels(chunk)
+        )
+    return codes, scales
+
+
 class BlockWeights:
     """A backbone's per-block weights in the converter's layout ([out, in], folds applied)."""
 
@@ -104,8 +118,6 @@ class BlockWeights:
         self.config = backbone.config
 
     def value(self, path):
-        import keras
-
         return np.asarray(keras.ops.convert_to_numpy(self._variables[path]), np.float32)
 
     def projection(self, block, name):
@@ -122,15 +134,9 @@ class BlockWeights:
     def post_norm(self, block, name):
         return np.float32(1.0) + self.value(f"decoder_block_{block}/{name}/scale")
 
-    def embedding_row_scales(self, rows_per_chunk=8192):
-        """The token-lookup table's per-row scales (as export.quantize_rows computes them)."""
-        table = self._variables["token_embedding/embeddings"]
-        import keras
-
-        return np.concatenate([
-            quantize_channels(keras.ops.convert_to_numpy(table[start : start + rows_per_chunk]))[1]
-            for start in range(0, table.shape[0], rows_per_chunk)
-        ])
+    def embedding_row_scales(self):
+        """The token-lookup table's per-row scales (those of the template's int8 table)."""
+        return quantize_rows(self._variables["token_embedding/embeddings"])[1]
 
     def final_norm(self):
         return np.float32(1.0) + self.value("final_norm/scale")
@@ -342,10 +348,11 @@ def stitch(template_path, output_path, backbone):
             new_tensors[key] = len(subgraph.tensors) - 1
         op.inputs[slot] = new_tensors[key]
 
+    row_scale = weights.embedding_row_scales() if logits_sites or scale_gathers else None
+
     # 3. The tied projection reads the lookup table; its folded input scale becomes a MUL.
     if logits_sites:
         table = template.array(_tensor_for_buffer(model, lookup["table"]))
-        row_scale = weights.embedding_row_scales()
         s0, o0 = logits_sites[0]
         folded = model.subgraphs[s0].tensors[int(model.subgraphs[s0].operators[o0].inputs[1])]
         input_scale = real_logits_fold(template, folded, table, row_scale, weights)
@@ -380,7 +387,7 @@ def stitch(template_path, output_path, backbone):
     # The converter quantizes the float row-scale table too (one int8 scale for all rows,
     # then a DEQUANTIZE): the lookup reads the exact float32 scales instead.
     if scale_gathers:
-        scales_buffer = new_buffer(weights.embedding_row_scales, vocab * 4)
+        scales_buffer = new_buffer(lambda: row_scale, vocab * 4)
         for subgraph, gather in scale_gathers:
             gather.inputs[0] = _add_float_constant(schema, subgraph, vocab, scales_buffer, b"token_embedding/row_scales")
             output = gather.outputs[0]
@@ -404,7 +411,7 @@ def stitch(template_path, output_path, backbone):
         for index, tensor in enumerate(subgraph.tensors):
             if index in referenced:
                 used.add(tensor.buffer)
-            elif template_buffer(tensor.buffer, payloads):
+            elif tensor.buffer not in payloads:  # a template tensor no op reads any more
                 tensor.buffer = 0
     used.update(m.buffer for m in (model.metadata or []))
     for index, buffer in enumerate(model.buffers):
@@ -427,10 +434,6 @@ def _add_float_constant(schema, subgraph, length, buffer, name):
     tensor.shape, tensor.type, tensor.buffer, tensor.name = [length], schema.TensorType.FLOAT32, buffer, name
     subgraph.tensors.append(tensor)
     return len(subgraph.tensors) - 1
-
-
-def template_buffer(index, payloads):
-    return index not in payloads and index != 0
 
 
 def _tensor_for_buffer(model, buffer_index):

@@ -19,6 +19,12 @@ call of each shape is a warm-up (compilation for the jitted systems) and is repo
 own. keras_gemma2 additionally reports its own prefill / decode-loop split. Prints one
 markdown table, writes it to benchmarks/results/generate.md, and checks that greedy tokens
 agree across systems.
+
+Interleaved rounds: every system (and the memory-bandwidth probe) is a process that loads
+and warms up once, then waits. Each round asks every process in turn, in a rotating order,
+for one timed call of each shape; medians are over rounds. A shared 2-core VM drifts (its
+bandwidth was seen to move between 15 and 29 GB/s within minutes), and measuring systems
+one after another let that drift into the ratios; interleaving spreads it over all of them.
 """
 
 import argparse
@@ -59,6 +65,8 @@ SYSTEMS = (
 )
 KERASHUB = SYSTEMS[3][0]
 TRANSFORMERS = SYSTEMS[4][0]
+BANDWIDTH = "memory bandwidth probe"
+CEILING = "XLA weight-products-only loop"
 
 
 # ---- helpers shared by the worker processes ---------------------------------------
@@ -70,38 +78,66 @@ def prompts(batch, length, vocabulary_size):
     return rng.integers(2, vocabulary_size, (max(BATCHES), length)).astype("int32")[:batch]
 
 
-def measure(generate, args, vocabulary_size, compiled=True):
-    """Warm-up and timed calls of `generate(ids [B, P], new) -> tokens [B, new]` per batch.
+def warm_up(generate, args, vocabulary_size, compiled=True):
+    """First calls per batch: {batch: {new: seconds}}.
 
     Compiled systems warm up on both shapes (1 and N new tokens: each is a compilation);
     eager ones on one short call (their first call only initializes kernels).
     """
+    warm = {}
+    for batch in BATCHES:
+        ids = prompts(batch, args.prompt, vocabulary_size)
+        warm[batch] = {}
+        for new in (1, args.new) if compiled else (2,):
+            begin = time.perf_counter()
+            generate(ids, new)
+            warm[batch][new] = time.perf_counter() - begin
+    return warm
+
+
+def timed_round(generate, args, vocabulary_size):
+    """One timed call of each shape per batch: {batch: {"t1_s", "tN_s", "tokens"}}."""
     import numpy as np
 
     out = {}
     for batch in BATCHES:
         ids = prompts(batch, args.prompt, vocabulary_size)
-        warm = {}
-        for new in (1, args.new) if compiled else (2,):
+        times = {}
+        for new in (1, args.new):
             begin = time.perf_counter()
-            generate(ids, new)
-            warm[new] = time.perf_counter() - begin
-        times = {1: [], args.new: []}
-        for _ in range(args.repeats):
-            for new in (1, args.new):
-                begin = time.perf_counter()
-                tokens_now = generate(ids, new)
-                times[new].append(time.perf_counter() - begin)
-                if new == args.new:
-                    tokens = tokens_now
-        out[batch] = {
-            "compiled": compiled,
-            "warmup_s": warm,
-            "t1_s": times[1],
-            "tN_s": times[args.new],
-            "tokens": np.asarray(tokens).astype(int).tolist(),
-        }
+            tokens = generate(ids, new)
+            times[new] = time.perf_counter() - begin
+        out[batch] = {"t1_s": times[1], "tN_s": times[args.new],
+                      "tokens": np.asarray(tokens).astype(int).tolist()}
     return out
+
+
+def serve(args, ready, timed, finish=None):
+    """A worker's life after loading: report `ready`, answer each "round" line on stdin
+    with `timed()`, then "finish" with `finish()`.
+
+    Messages go, one JSON line each, to the channel file descriptor the driver passed
+    (stdout stays free for the frameworks' own logging).
+    """
+    channel = os.fdopen(args.channel_fd, "w")
+
+    def send(message):
+        channel.write(json.dumps(message) + "\n")
+        channel.flush()
+
+    send({"ready": True, **ready})
+    for line in sys.stdin:
+        if line.strip() != "round":
+            break
+        send(timed())
+    send(finish() if finish else {})
+
+
+def serve_generate(args, generate, vocabulary_size, compiled=True, finish=None, **facts):
+    """`serve` for a system's `generate(ids, new)`: warm-up first, then timed rounds."""
+    warmup = warm_up(generate, args, vocabulary_size, compiled)
+    serve(args, {"compiled": compiled, "warmup_s": warmup, **facts},
+          lambda: timed_round(generate, args, vocabulary_size), finish)
 
 
 def worker_ours(args):
@@ -109,8 +145,6 @@ def worker_ours(args):
     import numpy as np
 
     import keras_gemma2
-    from keras_gemma2 import generation
-    from keras_gemma2.samplers import Sampler
 
     if keras.backend.backend() == "torch":
         import torch
@@ -126,11 +160,22 @@ def worker_ours(args):
         rows = model.generate([list(r) for r in ids], max_new_tokens=new, stop_token_ids=())
         return np.stack(rows)
 
-    compiled = keras.backend.backend() != "torch"
-    result = {"load_s": load_s, "batches": measure(generate, args, config.vocabulary_size, compiled)}
-    result["compilations"] = model.generator.compilations
+    def finish():
+        return {"compilations": model.generator.compilations, "split": own_split(model, args)}
 
-    # keras_gemma2's own split: the prefill function, then the compiled decode loop.
+    compiled = keras.backend.backend() != "torch"
+    serve_generate(args, generate, config.vocabulary_size, compiled, finish, load_s=load_s)
+
+
+def own_split(model, args):
+    """keras_gemma2's own split: the prefill function, then the compiled decode loop."""
+    import keras
+    import numpy as np
+
+    from keras_gemma2 import generation
+    from keras_gemma2.samplers import Sampler
+
+    config = model.config
     split = {}
     sampler = Sampler(greedy=True)
     for batch in BATCHES:
@@ -155,8 +200,7 @@ def worker_ours(args):
             prefill_s.append(t1 - t0)
             decode_s.append(t2 - t1)
         split[batch] = {"bucket": bucket, "prefill_s": prefill_s, "decode_s": decode_s}
-    result["split"] = split
-    return result
+    return split
 
 
 def _zero_initializers():
@@ -266,7 +310,7 @@ def worker_kerashub(args):
         )
         return np.asarray(out["token_ids"])[:, length:]
 
-    return {"load_s": load_s, "batches": measure(generate, args, MODEL["vocabulary_size"])}
+    serve_generate(args, generate, MODEL["vocabulary_size"], load_s=load_s)
 
 
 def worker_transformers(args):
@@ -295,10 +339,9 @@ def worker_transformers(args):
             )
         return out[:, ids.shape[1]:].numpy()
 
-    result = {"load_s": load_s, "batches": measure(generate, args, MODEL["vocabulary_size"], False)}
-    result["threads"] = torch.get_num_threads()
-    result["cache"] = str(getattr(model.generation_config, "cache_implementation", None))
-    return result
+    serve_generate(args, generate, MODEL["vocabulary_size"], False, load_s=load_s,
+          threads=torch.get_num_threads(),
+          cache=str(getattr(model.generation_config, "cache_implementation", None)))
 
 
 def limit_threads(threads):
@@ -311,32 +354,100 @@ def limit_threads(threads):
 
 
 def worker_bandwidth(args):
-    return {"read_gbs_copy_gbs": bandwidth(args.weight_bytes)}
+    """The probe as a worker: one (matvec read, copy) bandwidth measurement per round."""
+    probe = Bandwidth(args.weight_bytes)
+    serve(args, {}, lambda: {"read_gbs_copy_gbs": probe.measure()})
+
+
+def worker_matmul_ceiling(args):
+    """XLA's own speed on the decode step's weight products alone (jax, same XLA options).
+
+    A jitted loop of `args.new` steps; each step multiplies [batch, hidden] rows by every
+    weight matrix of the model (q, k, v, attention output, gate, up, down per layer, then
+    the tied vocabulary table, read as the decode step reads it), with a cheap norm between
+    layers and nothing else: no attention, cache, sampling or soft-caps. Its tok/s is what
+    any XLA decode loop over these weights on this machine can reach.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from keras_gemma2 import backend_utils
+
+    m = MODEL
+    hidden, width = m["hidden_dim"], m["intermediate_dim"]
+    q, kv = m["num_query_heads"] * m["head_dim"], m["num_key_value_heads"] * m["head_dim"]
+    rng = np.random.default_rng(0)
+
+    def matrix(rows, columns):
+        return jnp.asarray(rng.standard_normal((rows, columns), dtype="float32") / np.sqrt(rows))
+
+    layers = [
+        [matrix(hidden, q), matrix(hidden, kv), matrix(hidden, kv), matrix(q, hidden),
+         matrix(hidden, width), matrix(hidden, width), matrix(width, hidden)]
+        for _ in range(m["num_layers"])
+    ]
+    table = matrix(m["vocabulary_size"], hidden)
+
+    def steps(layers, table, x):
+        def step(_, x):
+            for wq, wk, wv, wo, gate, up, down in layers:
+                x = x / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+                h = x @ wq + jnp.sum(x @ wk) + jnp.sum(x @ wv)
+                x = x + h @ wo
+                x = x + (jax.nn.gelu(x @ gate) * (x @ up)) @ down
+            logits = jnp.einsum("vd,bd->vb", table, x)  # the decode step's table-first product
+            return x + jnp.mean(logits) * 1e-9
+        return jax.lax.fori_loop(0, args.new, step, x)
+
+    options = backend_utils._jax_decode_options()
+    run = jax.jit(steps, compiler_options=options) if options else jax.jit(steps)
+    rows = {batch: jnp.ones((batch, hidden), "float32") for batch in BATCHES}
+    for batch in BATCHES:
+        run(layers, table, rows[batch]).block_until_ready()
+
+    def timed():
+        speeds = {}
+        for batch in BATCHES:
+            begin = time.perf_counter()
+            run(layers, table, rows[batch]).block_until_ready()
+            speeds[batch] = batch * args.new / (time.perf_counter() - begin)
+        return {"tok_s": speeds}
+
+    serve(args, {}, timed)
 
 
 def worker(args):
     kind = args.worker
     limit_threads(args.threads)
-    run = {"prepare": prepare, "ours": worker_ours, "kerashub": worker_kerashub,
-           "transformers": worker_transformers, "bandwidth": worker_bandwidth}[kind]
-    result = run(args)
-    with open(args.output, "w") as f:
-        json.dump(result, f)
+    if kind == "prepare":
+        with open(args.output, "w") as f:
+            json.dump(prepare(args), f)
+        return
+    {"ours": worker_ours, "kerashub": worker_kerashub, "transformers": worker_transformers,
+     "bandwidth": worker_bandwidth, "ceiling": worker_matmul_ceiling}[kind](args)
 
 
 # ---- the driver (no deep-learning framework imported here) ---------------------------
-def bandwidth(weight_bytes):
-    """Memory read bandwidth (GB/s): best of a float32 matvec over a weight-sized matrix."""
-    import numpy as np
+class Bandwidth:
+    """Memory read bandwidth (GB/s): a float32 matvec over a weight-sized matrix."""
 
-    columns = 4096
-    rows = max(1, weight_bytes // 4 // columns)
-    matrix = np.random.default_rng(0).standard_normal((rows, columns), dtype="float32")
-    vector = np.ones(columns, "float32")
-    target = np.empty_like(matrix)
-    best_matvec = min(_timed(lambda: matrix @ vector) for _ in range(7))
-    best_copy = min(_timed(lambda: np.copyto(target, matrix)) for _ in range(5))
-    return matrix.nbytes / best_matvec / 1e9, 2 * matrix.nbytes / best_copy / 1e9
+    def __init__(self, weight_bytes):
+        import numpy as np
+
+        columns = 4096
+        rows = max(1, weight_bytes // 4 // columns)
+        self.matrix = np.random.default_rng(0).standard_normal((rows, columns), dtype="float32")
+        self.vector = np.ones(columns, "float32")
+        self.target = np.empty_like(self.matrix)
+
+    def measure(self):
+        """(best matvec read GB/s, best copy read+write GB/s) of a few tries."""
+        import numpy as np
+
+        best_matvec = min(_timed(lambda: self.matrix @ self.vector) for _ in range(5))
+        best_copy = min(_timed(lambda: np.copyto(self.target, self.matrix)) for _ in range(3))
+        return self.matrix.nbytes / best_matvec / 1e9, 2 * self.matrix.nbytes / best_copy / 1e9
 
 
 def _timed(fn):
@@ -345,32 +456,136 @@ def _timed(fn):
     return time.perf_counter() - begin
 
 
-def spawn(kind, backend, args, directory, label):
-    output = os.path.join(directory, f"{kind}-{backend}.json")
-    command = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--output", output,
+def worker_command(kind, backend, args, output=None):
+    command = [sys.executable, os.path.abspath(__file__), "--worker", kind,
                "--kerashub-dir", args.kerashub_dir, "--hf-dir", args.hf_dir,
                "--threads", str(args.threads), "--weight-bytes", str(args.weight_bytes),
-               "--repeats", str(args.repeats), "--split-repeats", str(args.split_repeats), "--prompt", str(args.prompt), "--new", str(args.new)]
+               "--split-repeats", str(args.split_repeats), "--prompt", str(args.prompt), "--new", str(args.new)]
+    if output:
+        command += ["--output", output]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     if backend:
         env["KERAS_BACKEND"] = backend
-    begin, busy, ours = time.perf_counter(), busy_cpu_seconds(), own_cpu_seconds()
+    return command, env
+
+
+def prepare_weights(args, directory):
+    output = os.path.join(directory, "prepare.json")
+    command, env = worker_command("prepare", "jax", args, output)
     process = subprocess.run(command, env=env, capture_output=True, text=True)
-    elapsed = time.perf_counter() - begin
-    # Cores kept busy by other processes while this one ran (0 on an idle machine).
-    foreign = max(0.0, (busy_cpu_seconds() - busy) - (own_cpu_seconds() - ours)) / elapsed
     if process.returncode != 0:
-        print(f"[{label}] FAILED (exit {process.returncode}) after {elapsed:.0f} s:", flush=True)
-        print("\n".join(process.stderr.strip().splitlines()[-25:]), flush=True)
+        print("[prepare weights] FAILED:\n" + "\n".join(process.stderr.strip().splitlines()[-25:]), flush=True)
         return None
-    print(f"[{label}] done in {elapsed:.0f} s; other processes used {foreign:.2f} of "
-          f"{os.cpu_count()} cores meanwhile", flush=True)
     with open(output) as f:
-        result = json.load(f)
-    result["foreign_cores"] = foreign
-    return result
+        return json.load(f)
+
+
+class Worker:
+    """One system's process, alive from its warm-up to the last round."""
+
+    def __init__(self, kind, backend, args, directory, label):
+        self.label = label
+        self.log_path = os.path.join(directory, f"{kind}-{backend}.log")
+        command, env = worker_command(kind, backend, args)
+        read_end, write_end = os.pipe()
+        with open(self.log_path, "w") as log:
+            self.process = subprocess.Popen(
+                command + ["--channel-fd", str(write_end)], env=env, stdin=subprocess.PIPE,
+                stdout=log, stderr=subprocess.STDOUT, text=True, pass_fds=(write_end,),
+            )
+        os.close(write_end)
+        self.channel = os.fdopen(read_end)
+
+    def receive(self):
+        line = self.channel.readline()
+        if not line:
+            self.process.wait()
+            with open(self.log_path) as log:
+                tail = "\n".join(log.read().strip().splitlines()[-25:])
+            raise RuntimeError(f"[{self.label}] worker exited ({self.process.returncode}):\n{tail}")
+        return json.loads(line)
+
+    def ask(self, command):
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        return self.receive()
+
+    def finish(self):
+        message = self.ask("finish")
+        self.process.stdin.close()
+        self.process.wait()
+        return message
+
+    def cpu_seconds(self):
+        """CPU time of the worker process (all its threads), from /proc; 0 elsewhere."""
+        try:
+            with open(f"/proc/{self.process.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_rounds(args, directory):
+    """Warm every system up one at a time, then time them in interleaved rounds.
+
+    Returns ({label: result or None}, bandwidth samples, cores other processes used).
+    """
+    entries = [(label, kind, backend) for label, kind, backend in SYSTEMS]
+    entries += [(BANDWIDTH, "bandwidth", None), (CEILING, "ceiling", "jax")]
+    workers, ready = {}, {}
+    for label, kind, backend in entries:
+        begin = time.perf_counter()
+        try:
+            workers[label] = Worker(kind, backend, args, directory, label)
+            ready[label] = workers[label].receive()
+            print(f"[{label}] loaded and warmed up in {time.perf_counter() - begin:.0f} s", flush=True)
+        except RuntimeError as error:
+            print(error, flush=True)
+            workers.pop(label, None)
+    rounds = {label: [] for label in workers}
+    busy, own = busy_cpu_seconds(), own_cpu_seconds()
+    cpu = {label: worker.cpu_seconds() for label, worker in workers.items()}
+    begin = time.perf_counter()
+    for round_index in range(args.repeats):
+        labels = list(workers)
+        shift = round_index % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            try:
+                rounds[label].append(workers[label].ask("round"))
+            except RuntimeError as error:
+                print(error, flush=True)
+                workers.pop(label)
+        print(f"round {round_index + 1}/{args.repeats} done", flush=True)
+    elapsed = time.perf_counter() - begin
+    ours = sum(worker.cpu_seconds() - cpu[label] for label, worker in workers.items())
+    foreign = max(0.0, busy_cpu_seconds() - busy - ours - (own_cpu_seconds() - own)) / elapsed
+    finished = {}
+    for label, worker in workers.items():
+        try:
+            finished[label] = worker.finish()
+        except RuntimeError as error:
+            print(error, flush=True)
+    results = {}
+    for label, _, _ in SYSTEMS:
+        if label not in finished:
+            results[label] = None
+            continue
+        first = ready[label]
+        results[label] = {**first, **finished[label], "batches": {
+            str(batch): {
+                "compiled": first["compiled"],
+                "warmup_s": first["warmup_s"][str(batch)],
+                "t1_s": [r[str(batch)]["t1_s"] for r in rounds[label]],
+                "tN_s": [r[str(batch)]["tN_s"] for r in rounds[label]],
+                "tokens": rounds[label][-1][str(batch)]["tokens"],
+            } for batch in BATCHES}}
+    samples = [r["read_gbs_copy_gbs"] for r in rounds.get(BANDWIDTH, [])] if BANDWIDTH in finished else []
+    ceiling = {batch: median([r["tok_s"][str(batch)] for r in rounds[CEILING]])
+               for batch in BATCHES} if CEILING in finished else None
+    return results, samples, ceiling, foreign
 
 
 def foreign_cores(seconds):
@@ -471,21 +686,23 @@ def main(args):
         + f"; every system (and the bandwidth probe) runs on {args.threads} CPU(s) ({why})")
     say(f"Model: {json.dumps(MODEL)}, float32, random weights (seed {SEED})")
     say(f"Workload: prompt {args.prompt} tokens (same random prompts), {args.new} new tokens, greedy, "
-        f"no stop tokens, batch {' and '.join(map(str, BATCHES))}; median of {args.repeats} runs after a warm-up")
+        f"no stop tokens, batch {' and '.join(map(str, BATCHES))}; median of {args.repeats} interleaved "
+        "rounds after a warm-up (each round times every system once, in a rotating order)")
     print(flush=True)
 
     with tempfile.TemporaryDirectory(prefix="gemma2-generate-bench-") as directory:
         args.kerashub_dir = os.path.join(directory, "kerashub")
         args.hf_dir = os.path.join(directory, "hf")
-        facts = spawn("prepare", "jax", args, directory, "prepare weights")
+        args.weight_bytes = 0
+        facts = prepare_weights(args, directory)
         if facts is None:
             sys.exit(1)
         args.weight_bytes = facts["weight_bytes"]
-        results = {}
-        for label, kind, backend in SYSTEMS:
-            results[label] = spawn(kind, backend, args, directory, label)
-        probe = spawn("bandwidth", None, args, directory, "memory bandwidth probe")
-    read_gbs, copy_gbs = probe["read_gbs_copy_gbs"]
+        results, samples, ceiling, foreign_rounds = run_rounds(args, directory)
+    if not samples:
+        sys.exit("The memory-bandwidth probe failed; see the messages above.")
+    read_gbs = median([read for read, _ in samples])
+    copy_gbs = median([copy for _, copy in samples])
     print(flush=True)
 
     say(f"Parameters: {facts['parameter_count'] / 1e6:.1f}M (Gemma2Config.parameter_count(); keras-hub "
@@ -539,13 +756,25 @@ def main(args):
 
     # Memory-bandwidth bound of batch-1 decode: every weight read once per token.
     bound = read_gbs * 1e9 / facts["weight_bytes"]
-    say(f"Memory bandwidth (measured here): float32 matvec read {read_gbs:.1f} GB/s "
+    reads = sorted(read for read, _ in samples)
+    say(f"Memory bandwidth (measured here, once per round; median, range {reads[0]:.1f}-{reads[-1]:.1f}): "
+        f"float32 matvec read {read_gbs:.1f} GB/s "
         f"(numpy copy, read+write: {copy_gbs:.1f} GB/s). Batch-1 decode bound = "
         f"{read_gbs:.1f} GB/s / {facts['weight_bytes'] / 1e6:.0f} MB per token = {bound:.1f} tok/s.")
     for label, _, backend in SYSTEMS:
         if summary[label]:
             speed = summary[label][1]["decode_tps"]
             say(f"- {label}: batch-1 decode {speed:.1f} tok/s = {speed / bound:.2f} of the bound")
+    if ceiling:
+        say(f"XLA ceiling (jax, the decode loop's XLA options): a jitted {args.new}-step loop of only "
+            "the weight products of a decode step (q, k, v, output, gate, up, down per layer and the "
+            "vocabulary table; no attention, cache, sampling or soft-caps) runs at "
+            + ", ".join(f"{ceiling[b]:.1f} tok/s at batch {b}" for b in BATCHES) + ".")
+        for label, _, _ in SYSTEMS:
+            if summary[label]:
+                say(f"- {label}: " + ", ".join(
+                    f"batch {b} {summary[label][b]['decode_tps'] / ceiling[b]:.2f}" for b in BATCHES)
+                    + " of that loop")
     kv = facts["kv_2b"]
     say(f"KV cache at {kv['context']} tokens, real gemma2_2b_en config ({kv['layers']} layers, window "
         f"{kv['window']}), bfloat16, batch 1: sliding ring cache {kv['sliding'] / 2**20:.0f} MiB vs "
@@ -571,10 +800,7 @@ def main(args):
              for label, _, _ in SYSTEMS if summary[label] for b in BATCHES
              if summary[label][b]["spread"] > 0.10]
     say("Noise (max/min - 1 of the timed N-token runs > 10%): " + ("; ".join(noisy) if noisy else "none"))
-    say("Other processes' CPU use during each system's run (cores of "
-        f"{os.cpu_count()}): " + "; ".join(
-            f"{label.split(' (')[0]} {results[label]['foreign_cores']:.2f}"
-            for label, _, _ in SYSTEMS if results[label]))
+    say(f"Other processes' CPU use during the timed rounds: {foreign_rounds:.2f} of {os.cpu_count()} cores")
     say(f"Load average at end {' / '.join(f'{x:.2f}' for x in os.getloadavg())}; "
         f"total run {time.perf_counter() - started:.0f} s")
 
@@ -584,7 +810,7 @@ def main(args):
 
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--split-repeats", type=int, default=2,
                         help="runs of keras_gemma2's own prefill/decode split (median)")
     parser.add_argument("--prompt", type=int, default=64, help="prompt tokens")
@@ -595,6 +821,7 @@ def parse(argv=None):
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--weight-bytes", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
+    parser.add_argument("--channel-fd", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--kerashub-dir", help=argparse.SUPPRESS)
     parser.add_argument("--hf-dir", help=argparse.SUPPRESS)
     return parser.parse_args(argv)

@@ -12,7 +12,7 @@ artifact therefore has
 
 Both trace the same `kv_cache.prefill` / `kv_cache.decode` (and so the same
 Gemma2Attention) as `Gemma2CausalLM.generate`. Layer l's cache is
-[1, 2, slots_l, kv_heads, head_dim]: global layers hold `cache_length` slots,
+[1, 2, kv_heads, slots_l, head_dim]: global layers hold `cache_length` slots,
 sliding layers a ring of min(window, cache_length) slots (position p in slot
 p % slots). Shapes are static and the ops are TFLite builtins only, so the
 file runs in the plain `ai_edge_litert` interpreter (no Flex delegate).
@@ -34,7 +34,7 @@ import time
 import keras
 import numpy as np
 
-from keras_gemma2 import litert_weights
+from keras_gemma2 import kv_cache, litert_weights
 from keras_gemma2 import tokenizer as tokenizer_module
 from keras_gemma2.checkpoints.safetensors_io import write_json
 
@@ -196,15 +196,13 @@ def build_signatures(backbone, cache_length, prefill_lengths, int8_lookup=False,
     import tensorflow as tf
     from keras import ops
 
-    from keras_gemma2 import kv_cache
-
     config = backbone.config
     windows = kv_cache.layer_windows(config)
     slots = kv_cache.cache_lengths(config, cache_length)
     keras_variables = list(backbone.variables)
-    shape = (config.num_key_value_heads, config.head_dim)
     cache_specs = [
-        tf.TensorSpec((1, 2, n, *shape), tf.float32, name=f"cache_{i}") for i, n in enumerate(slots)
+        tf.TensorSpec(kv_cache.cache_shape(config, 1, n), tf.float32, name=f"cache_{i}")
+        for i, n in enumerate(slots)
     ]
 
     module = tf.Module()
@@ -254,7 +252,7 @@ def build_signatures(backbone, cache_length, prefill_lengths, int8_lookup=False,
                 # Right-aligned (left-padded) prompt, as kv_cache.prefill expects.
                 index = ops.arange(bucket, dtype="int32")
                 aligned = ops.take(tokens, ops.mod(index - pad, bucket), axis=1)
-                empty = [ops.zeros((1, 2, bucket, *shape), "float32") for _ in windows]
+                empty = [ops.zeros(kv_cache.cache_shape(config, 1, bucket), "float32") for _ in windows]
                 logits, filled = kv_cache.prefill(
                     backbone, aligned, ops.reshape(pad, (1,)), empty, windows
                 )
@@ -264,7 +262,7 @@ def build_signatures(backbone, cache_length, prefill_lengths, int8_lookup=False,
                 for cache, n in zip(filled, slots):
                     held = (length - 1) - ops.mod(length - 1 - ops.arange(n, dtype="int32"), n)
                     source = ops.clip(held + pad, 0, bucket - 1)
-                    caches.append(ops.take(cache, source, axis=2))
+                    caches.append(ops.take(cache, source, axis=kv_cache.SLOT_AXIS))
                 return named(logits, caches)
 
         return prefill
@@ -302,7 +300,7 @@ def metadata(backbone, tokenizer, plan, stop_ids, slots, files):
         "cache_dtype": "float32",
         "cache_length": plan.cache_length,
         "cache_slots": slots,
-        "cache_shape": [1, 2, None, config.num_key_value_heads, config.head_dim],
+        "cache_shape": list(kv_cache.cache_shape(config, 1, None)),
         "prefill_lengths": list(plan.prefill_lengths),
         "signatures": {
             "prefill": {str(p): f"prefill_{p}" for p in plan.prefill_lengths},

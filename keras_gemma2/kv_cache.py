@@ -2,9 +2,12 @@
 
 Global layers keep one slot per position of the whole generation; sliding
 layers keep a ring of `sliding_window_size` slots (index t in slot t % W),
-all a sliding layer ever attends to. Prompts are left-padded, so every row
-writes the same slot at each step; a row's positions are its slot indices
-minus its padding.
+all a sliding layer ever attends to. A layer's cache is
+[batch, 2 (key, value), kv_heads, slots, head_dim]: head-major, so both
+attention products read it in place (a slot-major cache was transposed,
+a full copy, on every layer of every decode step). Prompts are left-padded,
+so every row writes the same slot at each step; a row's positions are its
+slot indices minus its padding.
 """
 
 from keras import ops
@@ -22,10 +25,18 @@ def cache_lengths(config, total_length):
     return [total_length if w is None else min(w, total_length) for w in layer_windows(config)]
 
 
+SLOT_AXIS = 3
+
+
+def cache_shape(config, batch_size, slots):
+    """One layer's cache: [batch, 2 (key, value), kv_heads, slots, head_dim]."""
+    return (batch_size, 2, config.num_key_value_heads, slots, config.head_dim)
+
+
 def new_caches(config, batch_size, total_length, dtype):
-    """Zeroed per-layer caches, [batch, 2 (key, value), slots, kv_heads, head_dim]."""
+    """Zeroed per-layer caches (`cache_shape`)."""
     return [
-        ops.zeros((batch_size, 2, length, config.num_key_value_heads, config.head_dim), dtype)
+        ops.zeros(cache_shape(config, batch_size, length), dtype)
         for length in cache_lengths(config, total_length)
     ]
 
@@ -66,7 +77,7 @@ def decode(backbone, token_ids, padding, caches, cache_index, windows):
     masks = {}
     updated = []
     for block, cache, window in zip(backbone.decoder_blocks, caches, windows):
-        slots = ops.shape(cache)[2]
+        slots = ops.shape(cache)[SLOT_AXIS]
         if (window, slots) not in masks:
             # The index each slot holds once `cache_index` is written (a ring when slots < total).
             held = cache_index - ops.mod(cache_index - ops.arange(slots, dtype="int32"), slots)

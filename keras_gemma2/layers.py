@@ -301,7 +301,9 @@ class Gemma2Attention(keras.layers.Layer):
     One layer for training, cached decoding and export. The caller supplies
     absolute `positions` and a boolean `attention_mask` over the keys
     attended to, so the masking rule lives in one place (`attention_mask`).
-    With a `cache` ([batch, 2, cache_length, kv_heads, head_dim]):
+    Keys and values are attended to head-major, [batch, kv_heads, keys,
+    head_dim], the layout of the cache ([batch, 2, kv_heads, cache_length,
+    head_dim]). With a `cache`:
 
     * `cache_index=None` (prefill): the chunk attends to itself, as without a
       cache, and its keys/values fill the empty cache. A sliding layer's cache
@@ -359,7 +361,9 @@ class Gemma2Attention(keras.layers.Layer):
     def call(self, x, positions, attention_mask, cache=None, cache_index=None):
         query = apply_rope(self.query(x), positions, self.rope_max_wavelength)
         key = apply_rope(self.key(x), positions, self.rope_max_wavelength)
-        value = self.value(x)
+        # [batch, kv_heads, length, head_dim]; for one token a free reshape.
+        key = ops.transpose(key, (0, 2, 1, 3))
+        value = ops.transpose(self.value(x), (0, 2, 1, 3))
 
         if cache is None:
             output = self._attend(query, key, value, attention_mask)
@@ -368,8 +372,8 @@ class Gemma2Attention(keras.layers.Layer):
             cache = self._fill_cache(cache, ops.stack([key, value], axis=1))
         else:
             fresh = ops.cast(ops.stack([key, value], axis=1), cache.dtype)
-            slot = ops.mod(cache_index, ops.shape(cache)[2])
-            cache = ops.slice_update(cache, [0, 0, slot, 0, 0], fresh)
+            slot = ops.mod(cache_index, ops.shape(cache)[3])
+            cache = ops.slice_update(cache, [0, 0, 0, slot, 0], fresh)
             output = self._attend(query, cache[:, 0], cache[:, 1], attention_mask)
         return self.attention_output(output), cache
 
@@ -377,12 +381,12 @@ class Gemma2Attention(keras.layers.Layer):
     def _fill_cache(cache, fresh):
         """Write a prompt's keys/values (indices 0..T-1) into an empty cache."""
         fresh = ops.cast(fresh, cache.dtype)
-        length, cache_length = fresh.shape[2], cache.shape[2]
+        length, cache_length = fresh.shape[3], cache.shape[3]
         if length <= cache_length:
             return ops.slice_update(cache, [0, 0, 0, 0, 0], fresh)
         # Ring buffer shorter than the prompt: keep indices T-L..T-1, each in slot t % L.
-        tail = fresh[:, :, length - cache_length :]
-        return ops.roll(tail, shift=(length - cache_length) % cache_length, axis=2)
+        tail = fresh[:, :, :, length - cache_length :]
+        return ops.roll(tail, shift=(length - cache_length) % cache_length, axis=3)
 
     def _attend(self, query, key, value, attention_mask):
         batch, length = ops.shape(query)[0], ops.shape(query)[1]
@@ -395,11 +399,11 @@ class Gemma2Attention(keras.layers.Layer):
         query = ops.cast(query, logits_dtype) * ops.cast(
             self.query_pre_attn_scalar**-0.5, logits_dtype
         )
-        logits = ops.einsum("btkgh,bskh->bkgts", query, ops.cast(key, logits_dtype))
+        logits = ops.einsum("btkgh,bksh->bkgts", query, ops.cast(key, logits_dtype))
         logits = soft_cap(logits, self.logit_soft_cap)
         logits = ops.where(attention_mask[:, None, None, :, :], logits, MASK_VALUE)
         probabilities = ops.cast(ops.softmax(logits, axis=-1), value.dtype)
-        output = ops.einsum("bkgts,bskh->btkgh", probabilities, value)
+        output = ops.einsum("bkgts,bksh->btkgh", probabilities, value)
         return ops.reshape(output, (batch, length, self.num_query_heads, self.head_dim))
 
     def get_config(self):

@@ -365,8 +365,8 @@ def worker_matmul_ceiling(args):
     A jitted loop of `args.new` steps; each step multiplies [batch, hidden] rows by every
     weight matrix of the model (q, k, v, attention output, gate, up, down per layer, then
     the tied vocabulary table, read as the decode step reads it), with a cheap norm between
-    layers and nothing else: no attention, cache, sampling or soft-caps. Its tok/s is what
-    any XLA decode loop over these weights on this machine can reach.
+    layers and nothing else: no attention, cache, sampling or soft-caps. Its tok/s bounds
+    any XLA decode loop that reads these weight matrices in these layouts on this machine.
     """
     import jax
     import jax.numpy as jnp

@@ -531,10 +531,10 @@ class Worker:
 def run_rounds(args, directory):
     """Warm every system up one at a time, then time them in interleaved rounds.
 
-    Returns ({label: result or None}, bandwidth samples, cores other processes used).
+    Returns ({label: result or None}, bandwidth samples, {batch: ceiling tok/s} or None,
+    cores other processes used during the rounds).
     """
-    entries = [(label, kind, backend) for label, kind, backend in SYSTEMS]
-    entries += [(BANDWIDTH, "bandwidth", None), (CEILING, "ceiling", "jax")]
+    entries = [*SYSTEMS, (BANDWIDTH, "bandwidth", None), (CEILING, "ceiling", "jax")]
     workers, ready = {}, {}
     for label, kind, backend in entries:
         begin = time.perf_counter()

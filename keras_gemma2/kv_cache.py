@@ -12,6 +12,7 @@ slot indices minus its padding.
 
 from keras import ops
 
+from keras_gemma2.layers import CACHE_SLOT_AXIS as SLOT_AXIS
 from keras_gemma2.layers import attention_mask
 
 
@@ -23,9 +24,6 @@ def layer_windows(config):
 def cache_lengths(config, total_length):
     """Slots per layer for a generation of `total_length` indices."""
     return [total_length if w is None else min(w, total_length) for w in layer_windows(config)]
-
-
-SLOT_AXIS = 3
 
 
 def cache_shape(config, batch_size, slots):

@@ -295,6 +295,10 @@ def attention_mask(query_positions, key_positions, key_valid, sliding_window_siz
     return ops.logical_and(visible, ops.cast(key_valid, "bool")[:, None, :])
 
 
+# The slots axis of a layer's KV cache, [batch, 2 (key, value), kv_heads, slots, head_dim].
+CACHE_SLOT_AXIS = 3
+
+
 class Gemma2Attention(keras.layers.Layer):
     """Grouped-query attention with RoPE and soft-capped logits.
 
@@ -372,7 +376,7 @@ class Gemma2Attention(keras.layers.Layer):
             cache = self._fill_cache(cache, ops.stack([key, value], axis=1))
         else:
             fresh = ops.cast(ops.stack([key, value], axis=1), cache.dtype)
-            slot = ops.mod(cache_index, ops.shape(cache)[3])
+            slot = ops.mod(cache_index, ops.shape(cache)[CACHE_SLOT_AXIS])
             cache = ops.slice_update(cache, [0, 0, 0, slot, 0], fresh)
             output = self._attend(query, cache[:, 0], cache[:, 1], attention_mask)
         return self.attention_output(output), cache
@@ -381,12 +385,12 @@ class Gemma2Attention(keras.layers.Layer):
     def _fill_cache(cache, fresh):
         """Write a prompt's keys/values (indices 0..T-1) into an empty cache."""
         fresh = ops.cast(fresh, cache.dtype)
-        length, cache_length = fresh.shape[3], cache.shape[3]
+        length, cache_length = fresh.shape[CACHE_SLOT_AXIS], cache.shape[CACHE_SLOT_AXIS]
         if length <= cache_length:
             return ops.slice_update(cache, [0, 0, 0, 0, 0], fresh)
         # Ring buffer shorter than the prompt: keep indices T-L..T-1, each in slot t % L.
         tail = fresh[:, :, :, length - cache_length :]
-        return ops.roll(tail, shift=(length - cache_length) % cache_length, axis=3)
+        return ops.roll(tail, shift=(length - cache_length) % cache_length, axis=CACHE_SLOT_AXIS)
 
     def _attend(self, query, key, value, attention_mask):
         batch, length = ops.shape(query)[0], ops.shape(query)[1]

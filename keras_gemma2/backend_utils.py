@@ -39,19 +39,17 @@ def is_concrete(x):
     return True
 
 
-def compile_function(fn, variables, decode_rows=None):
+def compile_function(fn, variables):
     """`fn` compiled with XLA where the backend can: jax.jit / tf.function(jit_compile=True).
 
     On JAX the model's variables become explicit inputs (a StatelessScope maps
     them), so weights are not baked into the program as constants. PyTorch
     runs `fn` eagerly under no_grad.
 
-    `decode_rows`: set for a token-by-token loop, the rows each matmul multiplies
-    by a weight (the batch size). On JAX it selects `_jax_decode_options`. On
-    TensorFlow a one-row loop runs as a plain graph, without XLA: TensorFlow's
-    XLA:CPU fuses a one-row product with a reshaped (3-D) kernel into a loop
-    that reads the kernel column by column, ~2.3x slower than TensorFlow's own
-    kernels; from two rows on XLA is faster.
+    XLA's default CPU dots are used for decode loops too: with [out, in]
+    kernels and the kernel as the left operand (layers.rows_times_transposed)
+    they beat every option tried (the plain TensorFlow graph, XLA's Eigen dots
+    instead of YNNPACK).
     """
     backend = keras.backend.backend()
     if backend == "jax":
@@ -61,13 +59,12 @@ def compile_function(fn, variables, decode_rows=None):
             with keras.StatelessScope(state_mapping=list(zip(variables, values))):
                 return fn(*args)
 
-        options = _jax_decode_options() if decode_rows is not None else None
-        stateless = jax.jit(stateless, compiler_options=options) if options else jax.jit(stateless)
+        stateless = jax.jit(stateless)
         return lambda *args: stateless([v.value for v in variables], *args)
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(fn, jit_compile=decode_rows != 1)
+        return tf.function(fn, jit_compile=True)
     import torch
 
     def eager(*args):
@@ -75,31 +72,6 @@ def compile_function(fn, variables, decode_rows=None):
             return fn(*args)
 
     return eager
-
-
-_DECODE_OPTIONS = {}
-
-
-def _jax_decode_options():
-    """XLA:CPU options for decode loops, or None (other platforms, or an XLA without them).
-
-    XLA:CPU hands dots to YNNPACK fusions by default; for a few rows times a
-    weight ([8, 768] x [768, 3456]) its own Eigen kernels are ~1.5x faster, which
-    made batch-8 decoding ~1.3x faster end to end (batch 1 unchanged). Prefill
-    (hundreds of rows) keeps the default.
-    """
-    import jax
-
-    if jax.default_backend() != "cpu":
-        return None
-    if "cpu" not in _DECODE_OPTIONS:
-        options = {"xla_cpu_experimental_ynn_fusion_type": ""}
-        try:  # the option is experimental: check that this XLA knows it
-            jax.jit(lambda x: x + 1, compiler_options=options)(jax.numpy.zeros(()))
-        except Exception:  # noqa: BLE001 - any rejection means "use the defaults"
-            options = None
-        _DECODE_OPTIONS["cpu"] = options
-    return _DECODE_OPTIONS["cpu"]
 
 
 def compiles():

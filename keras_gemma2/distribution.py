@@ -14,10 +14,11 @@ def layout_map(device_mesh, model_axis="model"):
     """A keras.distribution.LayoutMap for every Gemma 2 weight path."""
     layouts = keras.distribution.LayoutMap(device_mesh)
     layouts[r"token_embedding/embeddings"] = (model_axis, None)
-    layouts[r".*attention/(query|key|value)/kernel"] = (None, None, model_axis)
-    layouts[r".*attention/attention_output/kernel"] = (None, model_axis, None)
-    layouts[r".*feedforward/(gate|up)/kernel"] = (None, model_axis)
-    layouts[r".*feedforward/down/kernel"] = (model_axis, None)
+    # Projection kernels are [out, in].
+    layouts[r".*attention/(query|key|value)/kernel"] = (model_axis, None)
+    layouts[r".*attention/attention_output/kernel"] = (None, model_axis)
+    layouts[r".*feedforward/(gate|up)/kernel"] = (model_axis, None)
+    layouts[r".*feedforward/down/kernel"] = (None, model_axis)
     layouts[r".*_norm/scale"] = (None,)
     layouts[r".*lora_kernel_(a|b)"] = (None,)  # adapters are small: replicate
     return layouts

@@ -122,7 +122,7 @@ class Generator:
         variables = backbone.variables
         return (
             backend_utils.compile_function(start, variables),
-            backend_utils.compile_function(run, variables, decode_rows=batch_size),
+            backend_utils.compile_function(run, variables),
         )
 
     # ---- host side ----------------------------------------------------------

@@ -123,10 +123,7 @@ class BlockWeights:
     def projection(self, block, name):
         kernel_path, norm = PROJECTIONS[name]
         kernel = self.value(f"decoder_block_{block}/{kernel_path}")
-        if name == "attention_output":  # [heads, head_dim, hidden]
-            weights = kernel.reshape(-1, kernel.shape[-1]).T
-        else:  # [hidden, heads, head_dim] or [in, out]
-            weights = kernel.reshape(kernel.shape[0], -1).T
+        weights = kernel  # Projection kernels are [out, in] already
         if norm is not None:
             weights = weights * (np.float32(1.0) + self.value(f"decoder_block_{block}/{norm}/scale"))[None, :]
         return np.ascontiguousarray(weights, np.float32)

@@ -163,7 +163,7 @@ def test_shape_mismatch_names_tensor_and_shapes(hf_dir):
     config["intermediate_size"] = 64
     json.dump(config, open(config_path, "w"))
     with pytest.raises(
-        ValueError, match=r"'model.layers.0.mlp.gate_proj.weight' has shape \(32, 48\) .* expects \(32, 64\)"
+        ValueError, match=r"'model.layers.0.mlp.gate_proj.weight' has shape \(48, 32\) .* expects \(64, 32\)"
     ):
         keras_gemma2.from_preset(hf_dir)
 

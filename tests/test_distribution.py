@@ -62,11 +62,12 @@ def test_model_and_data_parallel_training_match_single_device():
     assert results["devices"] == 8
     specs = results["specs"]
     assert specs["token_embedding/embeddings"] == ["model", None]
-    assert specs["decoder_block_0/attention/query/kernel"] == [None, None, "model"]
-    assert specs["decoder_block_0/attention/key/kernel"] == [None, None, "model"]
-    assert specs["decoder_block_0/attention/attention_output/kernel"] == [None, "model", None]
-    assert specs["decoder_block_0/feedforward/gate/kernel"] == [None, "model"]
-    assert specs["decoder_block_0/feedforward/down/kernel"] == ["model", None]
+    # [out, in] kernels: query/key/gate split their outputs, output/down their inputs.
+    assert specs["decoder_block_0/attention/query/kernel"] == ["model", None]
+    assert specs["decoder_block_0/attention/key/kernel"] == ["model", None]
+    assert specs["decoder_block_0/attention/attention_output/kernel"] == [None, "model"]
+    assert specs["decoder_block_0/feedforward/gate/kernel"] == ["model", None]
+    assert specs["decoder_block_0/feedforward/down/kernel"] == [None, "model"]
     assert specs["final_norm/scale"] in ([None], [])
     for mode in ("model_parallel", "data_parallel"):
         for ours, reference in zip(results[mode], results["single"]):

@@ -176,7 +176,7 @@ def test_config_mapping(kerashub_preset):
     query = tensors["decoder_block_0/attention/query/kernel"]
     assert query.source_name == "layers/gemma_decoder_block/attention/query_dense/vars/0"
     assert query.source_shape == (4, 32, 16)
-    assert query().shape == (32, 4, 16)
+    assert query().shape == (4 * 16, 32)  # ours: [heads * head_dim, hidden]
 
 
 def test_blocks_map_by_creation_order_not_lexicographically(kerashub_preset):
@@ -185,13 +185,18 @@ def test_blocks_map_by_creation_order_not_lexicographically(kerashub_preset):
     for i, block in enumerate(backbone.transformer_layers):
         expected = {
             "pre_attention_norm/scale": block.pre_attention_norm.scale,
-            "attention/query/kernel": np.transpose(
-                _numpy(block.attention.query_dense.kernel), (1, 0, 2)
+            # keras-hub (heads, hidden, head_dim) -> ours [heads * head_dim, hidden]
+            "attention/query/kernel": np.concatenate(
+                [h.T for h in _numpy(block.attention.query_dense.kernel)], axis=0
             ),
-            "attention/attention_output/kernel": block.attention.output_dense.kernel,
-            "feedforward/gate/kernel": block.gating_ffw.kernel,  # the gelu branch
-            "feedforward/up/kernel": block.gating_ffw_2.kernel,
-            "feedforward/down/kernel": block.ffw_linear.kernel,
+            # keras-hub (heads, head_dim, hidden) -> ours [hidden, heads * head_dim]
+            "attention/attention_output/kernel": np.concatenate(
+                list(_numpy(block.attention.output_dense.kernel)), axis=0
+            ).T,
+            # keras-hub Dense kernels are [in, out]; ours [out, in].
+            "feedforward/gate/kernel": _numpy(block.gating_ffw.kernel).T,  # the gelu branch
+            "feedforward/up/kernel": _numpy(block.gating_ffw_2.kernel).T,
+            "feedforward/down/kernel": _numpy(block.ffw_linear.kernel).T,
             "post_feedforward_norm/scale": block.post_ffw_norm.scale,
         }
         for name, value in expected.items():

@@ -94,47 +94,28 @@ def config_to_hf(config, torch_dtype="float32", special_ids=None):
 def weight_layout(config):
     """[(keras variable path, hf tensor name, to_keras, to_hf)] for every weight.
 
-    transformers stores projections as (out_features, in_features); the
-    Keras kernels are per-head: query (hidden, heads, head_dim), output
-    (heads, head_dim, hidden), feed-forward (in, out).
+    Both store projections as (out_features, in_features), heads flattened
+    into the output (query) or input (attention output) width: every
+    transform is the identity.
     """
-    hidden, heads, kv_heads, head_dim = (
-        config.hidden_dim,
-        config.num_query_heads,
-        config.num_key_value_heads,
-        config.head_dim,
-    )
 
     def identity(x):
         return x
 
-    def transpose(x):
-        return x.T
-
-    def in_projection(n):
-        return (
-            lambda w: w.reshape(n, head_dim, hidden).transpose(2, 0, 1),
-            lambda k: k.transpose(1, 2, 0).reshape(n * head_dim, hidden),
-        )
-
-    out_projection = (
-        lambda w: w.reshape(hidden, heads, head_dim).transpose(1, 2, 0),
-        lambda k: k.transpose(2, 0, 1).reshape(hidden, heads * head_dim),
-    )
     layout = [("token_embedding/embeddings", "model.embed_tokens.weight", identity, identity)]
     for i in range(config.num_layers):
         k, h = f"decoder_block_{i}/", f"model.layers.{i}."
         layout += [
             (k + "pre_attention_norm/scale", h + "input_layernorm.weight", identity, identity),
-            (k + "attention/query/kernel", h + "self_attn.q_proj.weight", *in_projection(heads)),
-            (k + "attention/key/kernel", h + "self_attn.k_proj.weight", *in_projection(kv_heads)),
-            (k + "attention/value/kernel", h + "self_attn.v_proj.weight", *in_projection(kv_heads)),
-            (k + "attention/attention_output/kernel", h + "self_attn.o_proj.weight", *out_projection),
+            (k + "attention/query/kernel", h + "self_attn.q_proj.weight", identity, identity),
+            (k + "attention/key/kernel", h + "self_attn.k_proj.weight", identity, identity),
+            (k + "attention/value/kernel", h + "self_attn.v_proj.weight", identity, identity),
+            (k + "attention/attention_output/kernel", h + "self_attn.o_proj.weight", identity, identity),
             (k + "post_attention_norm/scale", h + "post_attention_layernorm.weight", identity, identity),
             (k + "pre_feedforward_norm/scale", h + "pre_feedforward_layernorm.weight", identity, identity),
-            (k + "feedforward/gate/kernel", h + "mlp.gate_proj.weight", transpose, transpose),
-            (k + "feedforward/up/kernel", h + "mlp.up_proj.weight", transpose, transpose),
-            (k + "feedforward/down/kernel", h + "mlp.down_proj.weight", transpose, transpose),
+            (k + "feedforward/gate/kernel", h + "mlp.gate_proj.weight", identity, identity),
+            (k + "feedforward/up/kernel", h + "mlp.up_proj.weight", identity, identity),
+            (k + "feedforward/down/kernel", h + "mlp.down_proj.weight", identity, identity),
             (k + "post_feedforward_norm/scale", h + "post_feedforward_layernorm.weight", identity, identity),
         ]
     layout.append(("final_norm/scale", "model.norm.weight", identity, identity))

@@ -227,9 +227,20 @@ def _identity(array):
     return array
 
 
-def _heads_first_to_hidden_first(array):
-    # keras-hub (heads, hidden, head_dim) -> ours (hidden, heads, head_dim)
-    return np.transpose(array, (1, 0, 2))
+def _per_head_input_to_out_in(array):
+    # keras-hub query/key/value (heads, hidden, head_dim) -> ours (heads * head_dim, hidden)
+    heads, hidden, head_dim = array.shape
+    return np.transpose(array, (0, 2, 1)).reshape(heads * head_dim, hidden)
+
+
+def _per_head_output_to_out_in(array):
+    # keras-hub attention output (heads, head_dim, hidden) -> ours (hidden, heads * head_dim)
+    return array.reshape(-1, array.shape[-1]).T
+
+
+def _in_out_to_out_in(array):
+    # keras-hub Dense (in, out) -> ours (out, in)
+    return array.T
 
 
 def weight_layout(config):
@@ -246,24 +257,24 @@ def weight_layout(config):
             (f"{ours}/pre_attention_norm/scale", f"{theirs}/pre_attention_norm/vars/0",
              _identity, (h,)),
             (f"{ours}/attention/query/kernel", f"{theirs}/attention/query_dense/vars/0",
-             _heads_first_to_hidden_first, (q, h, d)),
+             _per_head_input_to_out_in, (q, h, d)),
             (f"{ours}/attention/key/kernel", f"{theirs}/attention/key_dense/vars/0",
-             _heads_first_to_hidden_first, (kv, h, d)),
+             _per_head_input_to_out_in, (kv, h, d)),
             (f"{ours}/attention/value/kernel", f"{theirs}/attention/value_dense/vars/0",
-             _heads_first_to_hidden_first, (kv, h, d)),
+             _per_head_input_to_out_in, (kv, h, d)),
             (f"{ours}/attention/attention_output/kernel", f"{theirs}/attention/output_dense/vars/0",
-             _identity, (q, d, h)),
+             _per_head_output_to_out_in, (q, d, h)),
             (f"{ours}/post_attention_norm/scale", f"{theirs}/post_attention_norm/vars/0",
              _identity, (h,)),
             (f"{ours}/pre_feedforward_norm/scale", f"{theirs}/pre_ffw_norm/vars/0",
              _identity, (h,)),
             # keras-hub: gelu(gating_ffw(x)) * gating_ffw_2(x), then ffw_linear.
             (f"{ours}/feedforward/gate/kernel", f"{theirs}/gating_ffw/vars/0",
-             _identity, (h, inter)),
+             _in_out_to_out_in, (h, inter)),
             (f"{ours}/feedforward/up/kernel", f"{theirs}/gating_ffw_2/vars/0",
-             _identity, (h, inter)),
+             _in_out_to_out_in, (h, inter)),
             (f"{ours}/feedforward/down/kernel", f"{theirs}/ffw_linear/vars/0",
-             _identity, (inter, h)),
+             _in_out_to_out_in, (inter, h)),
             (f"{ours}/post_feedforward_norm/scale", f"{theirs}/post_ffw_norm/vars/0",
              _identity, (h,)),
         ]

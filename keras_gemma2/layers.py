@@ -55,11 +55,17 @@ class Projection(keras.layers.EinsumDense):
     """
 
     def __init__(self, units, **kwargs):
-        kwargs.setdefault("equation", "btd,fd->btf")
-        kwargs.setdefault("output_shape", (None, units))
         kwargs.setdefault("kernel_initializer", "glorot_uniform")
-        super().__init__(**kwargs)
+        # The equation is fixed: `call` computes it as rows_times_transposed.
+        super().__init__("btd,fd->btf", (None, units), **kwargs)
         self.units = units
+
+    @classmethod
+    def built(cls, name, units, input_dim, dtype):
+        """A Projection already built for [batch, seq, input_dim] inputs."""
+        layer = cls(units, dtype=dtype, name=name)
+        layer.build((None, None, input_dim))
+        return layer
 
     def call(self, inputs, training=None):
         if self.quantization_mode is not None:
@@ -73,7 +79,7 @@ class Projection(keras.layers.EinsumDense):
 
     def get_config(self):
         config = super().get_config()
-        for derived in ("equation", "output_shape", "bias_axes", "activation"):
+        for derived in ("equation", "output_shape"):
             config.pop(derived, None)
         return {**config, "units": self.units}
 
@@ -380,17 +386,13 @@ class Gemma2Attention(keras.layers.Layer):
         hidden_dim = input_shape[-1]
         q, kv, d = self.num_query_heads, self.num_key_value_heads, self.head_dim
 
-        def projection(name, units, built_on):
-            layer = Projection(units, dtype=self.dtype_policy, name=name)
-            layer.build(built_on)
-            return layer
-
         # Kernels are [out, in]: query [heads * head_dim, hidden], output
         # [hidden, heads * head_dim]; heads are split off after the product.
-        self.query = projection("query", q * d, input_shape)
-        self.key = projection("key", kv * d, input_shape)
-        self.value = projection("value", kv * d, input_shape)
-        self.attention_output = projection("attention_output", hidden_dim, (None, None, q * d))
+        policy = self.dtype_policy
+        self.query = Projection.built("query", q * d, hidden_dim, policy)
+        self.key = Projection.built("key", kv * d, hidden_dim, policy)
+        self.value = Projection.built("value", kv * d, hidden_dim, policy)
+        self.attention_output = Projection.built("attention_output", hidden_dim, q * d, policy)
 
     def call(self, x, positions, attention_mask, cache=None, cache_index=None):
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
@@ -468,13 +470,9 @@ class Gemma2FeedForward(keras.layers.Layer):
     def build(self, input_shape):
         hidden_dim = input_shape[-1]
 
-        def dense(name, units, dtype):
-            layer = Projection(units, dtype=dtype, name=name)
-            layer.build((None, None, hidden_dim if name != "down" else self.intermediate_dim))
-            return layer
-
-        self.gate = dense("gate", self.intermediate_dim, self.dtype_policy)
-        self.up = dense("up", self.intermediate_dim, self.dtype_policy)
+        width = self.intermediate_dim
+        self.gate = Projection.built("gate", width, hidden_dim, self.dtype_policy)
+        self.up = Projection.built("up", width, hidden_dim, self.dtype_policy)
         # The gated product and the down projection can pass float16's range.
         down_dtype = self.dtype_policy
         if self.compute_dtype == "float16":
@@ -483,7 +481,7 @@ class Gemma2FeedForward(keras.layers.Layer):
                 # A saved quantized model: keep the per-layer entries (down's own
                 # entry says "..._from_float32"), float32 for the rest.
                 down_dtype = keras.dtype_policies.DTypePolicyMap("float32", dict(self.dtype_policy.items()))
-        self.down = dense("down", hidden_dim, down_dtype)
+        self.down = Projection.built("down", hidden_dim, width, down_dtype)
 
     def call(self, x):
         dtype = wide_dtype(self.compute_dtype)

@@ -92,19 +92,19 @@ def read_checkpoint(directory):
         config = hf.config_from_hf(hf.read_hf_config(directory), os.path.join(directory, "config.json"))
     checkpoint = safetensors_io.SafetensorsCheckpoint(directory)
     tensors = {}
-    for keras_path, hf_name, to_keras, _ in hf.weight_layout(config):
+    for keras_path, hf_name in hf.weight_layout(config):
         if hf_name not in checkpoint:
             raise ValueError(
                 f"{directory} lacks tensor {hf_name!r} that a Gemma 2 model with "
                 f"{config.num_layers} layers needs. Is the checkpoint complete?"
             )
-        tensors[keras_path] = _lazy(checkpoint, hf_name, to_keras)
+        tensors[keras_path] = _lazy(checkpoint, hf_name)
     tokenizer = os.path.join(directory, HF_TOKENIZER_FILE)
     return config, tensors, tokenizer if os.path.exists(tokenizer) else None
 
 
-def _lazy(checkpoint, name, transform):
-    loader = lambda: transform(checkpoint.get(name))  # noqa: E731
+def _lazy(checkpoint, name):
+    loader = lambda: checkpoint.get(name)  # noqa: E731
     loader.source_name = name
     loader.source_shape = checkpoint.shape(name)
     return loader
@@ -220,9 +220,9 @@ def save_preset(backbone, preset_dir, tokenizer=None, max_shard_size="4GB"):
     variables = {v.path: v for v in backbone.weights}
     try:
         tensors, sizes = {}, {}
-        for keras_path, hf_name, _, to_hf in hf.weight_layout(config):
+        for keras_path, hf_name in hf.weight_layout(config):
             variable = variables[keras_path]
-            tensors[hf_name] = _exporter(variable, to_hf)
+            tensors[hf_name] = _exporter(variable)
             sizes[hf_name] = int(np.prod(variable.shape)) * np.dtype(_numpy_dtype(variable)).itemsize
         safetensors_io.write_sharded(staging, tensors, sizes, max_shard_size)
         special = {}
@@ -264,11 +264,11 @@ def _numpy_dtype(variable):
     return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
 
 
-def _exporter(variable, to_hf):
+def _exporter(variable):
     import keras
 
     def produce():
         array = np.asarray(keras.ops.convert_to_numpy(variable.value))
-        return np.ascontiguousarray(to_hf(array))
+        return np.ascontiguousarray(array)
 
     return produce

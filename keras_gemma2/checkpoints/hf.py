@@ -92,33 +92,29 @@ def config_to_hf(config, torch_dtype="float32", special_ids=None):
 
 
 def weight_layout(config):
-    """[(keras variable path, hf tensor name, to_keras, to_hf)] for every weight.
+    """[(keras variable path, hf tensor name)] for every weight.
 
-    Both store projections as (out_features, in_features), heads flattened
-    into the output (query) or input (attention output) width: every
-    transform is the identity.
+    The arrays are the same in both: projections are (out_features,
+    in_features), heads flattened into the output (query, key, value) or
+    input (attention output) width.
     """
-
-    def identity(x):
-        return x
-
-    layout = [("token_embedding/embeddings", "model.embed_tokens.weight", identity, identity)]
+    layout = [("token_embedding/embeddings", "model.embed_tokens.weight")]
     for i in range(config.num_layers):
         k, h = f"decoder_block_{i}/", f"model.layers.{i}."
         layout += [
-            (k + "pre_attention_norm/scale", h + "input_layernorm.weight", identity, identity),
-            (k + "attention/query/kernel", h + "self_attn.q_proj.weight", identity, identity),
-            (k + "attention/key/kernel", h + "self_attn.k_proj.weight", identity, identity),
-            (k + "attention/value/kernel", h + "self_attn.v_proj.weight", identity, identity),
-            (k + "attention/attention_output/kernel", h + "self_attn.o_proj.weight", identity, identity),
-            (k + "post_attention_norm/scale", h + "post_attention_layernorm.weight", identity, identity),
-            (k + "pre_feedforward_norm/scale", h + "pre_feedforward_layernorm.weight", identity, identity),
-            (k + "feedforward/gate/kernel", h + "mlp.gate_proj.weight", identity, identity),
-            (k + "feedforward/up/kernel", h + "mlp.up_proj.weight", identity, identity),
-            (k + "feedforward/down/kernel", h + "mlp.down_proj.weight", identity, identity),
-            (k + "post_feedforward_norm/scale", h + "post_feedforward_layernorm.weight", identity, identity),
+            (k + "pre_attention_norm/scale", h + "input_layernorm.weight"),
+            (k + "attention/query/kernel", h + "self_attn.q_proj.weight"),
+            (k + "attention/key/kernel", h + "self_attn.k_proj.weight"),
+            (k + "attention/value/kernel", h + "self_attn.v_proj.weight"),
+            (k + "attention/attention_output/kernel", h + "self_attn.o_proj.weight"),
+            (k + "post_attention_norm/scale", h + "post_attention_layernorm.weight"),
+            (k + "pre_feedforward_norm/scale", h + "pre_feedforward_layernorm.weight"),
+            (k + "feedforward/gate/kernel", h + "mlp.gate_proj.weight"),
+            (k + "feedforward/up/kernel", h + "mlp.up_proj.weight"),
+            (k + "feedforward/down/kernel", h + "mlp.down_proj.weight"),
+            (k + "post_feedforward_norm/scale", h + "post_feedforward_layernorm.weight"),
         ]
-    layout.append(("final_norm/scale", "model.norm.weight", identity, identity))
+    layout.append(("final_norm/scale", "model.norm.weight"))
     return layout
 
 

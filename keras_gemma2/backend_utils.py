@@ -39,12 +39,15 @@ def is_concrete(x):
     return True
 
 
-def compile_function(fn, variables):
+def compile_function(fn, variables, donate_first=False):
     """`fn` compiled with XLA where the backend can: jax.jit / tf.function(jit_compile=True).
 
     On JAX the model's variables become explicit inputs (a StatelessScope maps
-    them), so weights are not baked into the program as constants. PyTorch
-    runs `fn` eagerly under no_grad.
+    them), so weights are not baked into the program as constants. With
+    `donate_first`, JAX reuses the first argument's buffers for the outputs
+    (a decode loop updates its KV cache in place instead of copying it per
+    call; the caller must not read that argument afterwards). PyTorch runs
+    `fn` eagerly under no_grad.
 
     XLA's default CPU dots are used for decode loops too: with [out, in]
     kernels and the kernel as the left operand (layers.rows_times_transposed)
@@ -59,7 +62,7 @@ def compile_function(fn, variables):
             with keras.StatelessScope(state_mapping=list(zip(variables, values))):
                 return fn(*args)
 
-        stateless = jax.jit(stateless)
+        stateless = jax.jit(stateless, donate_argnums=(1,) if donate_first else ())
         return lambda *args: stateless([v.value for v in variables], *args)
     if backend == "tensorflow":
         import tensorflow as tf

@@ -40,44 +40,46 @@ def _build(model, batch_size, bucket, max_new_tokens, num_beams, stop_ids, windo
         tokens = ops.zeros((batch_size, num_beams, max_new_tokens), "int32")
         token_logprobs = ops.zeros((batch_size, num_beams, max_new_tokens), "float32")
         done = ops.zeros((batch_size, num_beams), "bool")
+        state = select(ops.zeros((), "int32"), logits, scores, tokens, token_logprobs, done)
 
-        def cond(step, logits, caches, scores, tokens, token_logprobs, done):
+        def cond(step, caches, sources, token, scores, tokens, token_logprobs, done):
             return ops.logical_and(step < max_new_tokens, ops.logical_not(ops.all(done)))
 
-        def body(step, logits, caches, scores, tokens, token_logprobs, done):
-            log_probs = ops.reshape(ops.log_softmax(logits, axis=-1), (batch_size, num_beams, vocabulary))
-            # A finished beam continues with token 0 at no cost (and nothing else).
-            only_pad = ops.where(ops.arange(vocabulary) == 0, 0.0, _IMPOSSIBLE)
-            log_probs = ops.where(done[:, :, None], only_pad[None, None, :], log_probs)
-            candidates = ops.reshape(scores[:, :, None] + log_probs, (batch_size, -1))
-            scores, best = ops.top_k(candidates, num_beams, sorted=True)
-            beam = best // vocabulary
-            token = ops.cast(best % vocabulary, "int32")
-            chosen = ops.take_along_axis(
-                ops.reshape(log_probs, (batch_size, -1)), best, axis=-1
-            )
-            tokens = ops.take_along_axis(tokens, beam[:, :, None], axis=1)
-            token_logprobs = ops.take_along_axis(token_logprobs, beam[:, :, None], axis=1)
-            done = ops.take_along_axis(done, beam, axis=1)
-            tokens = ops.slice_update(tokens, [0, 0, step], token[:, :, None])
-            token_logprobs = ops.slice_update(token_logprobs, [0, 0, step], chosen[:, :, None])
-            done = ops.logical_or(done, ops.any(token[:, :, None] == stop[None, None, :], axis=-1))
-            source_rows = ops.reshape(
-                ops.arange(batch_size, dtype="int32")[:, None] * num_beams + ops.cast(beam, "int32"),
-                (rows,),
-            )
-            caches = [ops.take(cache, source_rows, axis=0) for cache in caches]
+        def body(step, caches, sources, token, scores, tokens, token_logprobs, done):
+            # The cache follows the kept beams, then takes their last token.
+            caches = [ops.take(cache, sources, axis=0) for cache in caches]
             logits, caches = kv_cache.decode(
-                backbone, ops.reshape(token, (rows, 1)), padding, caches, bucket + step, windows
+                backbone, ops.reshape(token, (rows, 1)), padding, caches, bucket + step - 1, windows
             )
-            return step + 1, logits, caches, scores, tokens, token_logprobs, done
+            return (step + 1, caches, *select(step, logits, scores, tokens, token_logprobs, done))
 
-        step, _, _, scores, tokens, token_logprobs, _ = ops.while_loop(
-            cond,
-            body,
-            (ops.zeros((), "int32"), logits, caches, scores, tokens, token_logprobs, done),
+        step, _, _, _, scores, tokens, token_logprobs, _ = ops.while_loop(
+            cond, body, (ops.ones((), "int32"), caches, *state)
         )
         return step, scores, tokens, token_logprobs
+
+    def select(step, logits, scores, tokens, token_logprobs, done):
+        """Keep the best num_beams continuations: (cache rows to follow, their tokens, ...)."""
+        log_probs = ops.reshape(ops.log_softmax(logits, axis=-1), (batch_size, num_beams, vocabulary))
+        # A finished beam continues with token 0 at no cost (and nothing else).
+        only_pad = ops.where(ops.arange(vocabulary) == 0, 0.0, _IMPOSSIBLE)
+        log_probs = ops.where(done[:, :, None], only_pad[None, None, :], log_probs)
+        candidates = ops.reshape(scores[:, :, None] + log_probs, (batch_size, -1))
+        scores, best = ops.top_k(candidates, num_beams, sorted=True)
+        beam = best // vocabulary
+        token = ops.cast(best % vocabulary, "int32")
+        chosen = ops.take_along_axis(ops.reshape(log_probs, (batch_size, -1)), best, axis=-1)
+        tokens = ops.take_along_axis(tokens, beam[:, :, None], axis=1)
+        token_logprobs = ops.take_along_axis(token_logprobs, beam[:, :, None], axis=1)
+        done = ops.take_along_axis(done, beam, axis=1)
+        tokens = ops.slice_update(tokens, [0, 0, step], token[:, :, None])
+        token_logprobs = ops.slice_update(token_logprobs, [0, 0, step], chosen[:, :, None])
+        done = ops.logical_or(done, ops.any(token[:, :, None] == stop[None, None, :], axis=-1))
+        sources = ops.reshape(
+            ops.arange(batch_size, dtype="int32")[:, None] * num_beams + ops.cast(beam, "int32"),
+            (rows,),
+        )
+        return sources, token, scores, tokens, token_logprobs, done
 
     return backend_utils.compile_function(search, backbone.variables)
 

@@ -76,53 +76,59 @@ class Generator:
             if backend_utils.compiles():
                 self.compilations += 1  # runs once per trace, not per call
 
-        def start(prompt, padding):
+        def choose(logits, step, seed, tokens, logprobs, done):
+            """Sample step `step`'s token per row; finished rows get 0 (never fed back)."""
+            token = sampler.select(logits, ops.stack([seed, step]))
+            chosen = ops.take_along_axis(ops.log_softmax(logits, axis=-1), token[:, None], axis=-1)
+            token = ops.where(done, 0, token)
+            tokens = ops.slice_update(tokens, [0, step], token[:, None])
+            logprobs = ops.slice_update(logprobs, [0, step], ops.where(done[:, None], 0.0, chosen))
+            done = ops.logical_or(done, ops.any(token[:, None] == stop[None, :], axis=-1))
+            return token, tokens, logprobs, done
+
+        def start(prompt, padding, seed):
+            """Prefill and the first token: all time-to-first-token costs, nothing more."""
             count_trace()
             batch = ops.shape(prompt)[0]
             caches = kv_cache.new_caches(config, batch, total_length, backbone.compute_dtype)
             logits, caches = kv_cache.prefill(backbone, prompt, padding, caches, windows)
+            token, tokens, logprobs, done = choose(
+                logits, ops.zeros((), "int32"), seed,
+                ops.zeros((batch, max_new_tokens), "int32"),
+                ops.zeros((batch, max_new_tokens), "float32"),
+                ops.zeros((batch,), "bool"),
+            )
             return {
-                "step": ops.zeros((), "int32"),
-                "logits": logits,
-                "caches": caches,
-                "padding": padding,
-                "tokens": ops.zeros((batch, max_new_tokens), "int32"),
-                "logprobs": ops.zeros((batch, max_new_tokens), "float32"),
-                "done": ops.zeros((batch,), "bool"),
+                "step": ops.ones((), "int32"), "token": token, "caches": caches, "padding": padding,
+                "tokens": tokens, "logprobs": logprobs, "done": done,
             }
 
         def run(state, seed, stop_at):
+            """Steps until `stop_at` or all rows done; each feeds the last token, then samples.
+
+            The forward pass feeds a token that was already sampled, so none is
+            spent on logits nobody reads (after the last token or a stop).
+            """
             count_trace()
 
-            def cond(step, logits, caches, tokens, logprobs, done):
+            def cond(step, token, caches, tokens, logprobs, done):
                 return ops.logical_and(step < stop_at, ops.logical_not(ops.all(done)))
 
-            def body(step, logits, caches, tokens, logprobs, done):
-                token = sampler.select(logits, ops.stack([seed, step]))
-                log_softmax = ops.log_softmax(logits, axis=-1)
-                chosen = ops.take_along_axis(log_softmax, token[:, None], axis=-1)
-                token = ops.where(done, 0, token)
-                tokens = ops.slice_update(tokens, [0, step], token[:, None])
-                logprobs = ops.slice_update(logprobs, [0, step], ops.where(done[:, None], 0.0, chosen))
-                done = ops.logical_or(done, ops.any(token[:, None] == stop[None, :], axis=-1))
+            def body(step, token, caches, tokens, logprobs, done):
                 logits, caches = kv_cache.decode(
-                    backbone, token[:, None], state["padding"], caches, bucket + step, windows
+                    backbone, token[:, None], state["padding"], caches, bucket + step - 1, windows
                 )
-                return step + 1, logits, caches, tokens, logprobs, done
+                token, tokens, logprobs, done = choose(logits, step, seed, tokens, logprobs, done)
+                return step + 1, token, caches, tokens, logprobs, done
 
-            loop = ops.while_loop(
-                cond,
-                body,
-                (state["step"], state["logits"], state["caches"], state["tokens"],
-                 state["logprobs"], state["done"]),
-            )
-            names = ("step", "logits", "caches", "tokens", "logprobs", "done")
+            names = ("step", "token", "caches", "tokens", "logprobs", "done")
+            loop = ops.while_loop(cond, body, tuple(state[name] for name in names))
             return {**state, **dict(zip(names, loop))}
 
         variables = backbone.variables
         return (
             backend_utils.compile_function(start, variables),
-            backend_utils.compile_function(run, variables),
+            backend_utils.compile_function(run, variables, donate_first=True),
         )
 
     # ---- host side ----------------------------------------------------------
@@ -134,21 +140,23 @@ class Generator:
         start, decode = self.functions(
             len(prompts), bucket, max_new_tokens, sampler, stop_ids, window
         )
-        state = start(ops.convert_to_tensor(padded), ops.convert_to_tensor(padding))
         seed = ops.convert_to_tensor(np.int32(seed if seed is not None else np.random.randint(2**31 - 1)))
-        stop_at = 0
+        state = start(ops.convert_to_tensor(padded), ops.convert_to_tensor(padding), seed)
+        step = 1  # `start` sampled the first token
         while True:
-            stop_at = max_new_tokens if chunk is None else min(stop_at + chunk, max_new_tokens)
+            done = np.asarray(ops.convert_to_numpy(state["done"]))
+            finished = step >= max_new_tokens or done.all()
+            if finished or chunk is not None:
+                yield (
+                    np.asarray(ops.convert_to_numpy(state["tokens"]))[:, :step],
+                    np.asarray(ops.convert_to_numpy(state["logprobs"]))[:, :step],
+                    done,
+                )
+            if finished:
+                return
+            stop_at = max_new_tokens if chunk is None else min(step + chunk, max_new_tokens)
             state = decode(state, seed, ops.convert_to_tensor(np.int32(stop_at)))
             step = int(ops.convert_to_numpy(state["step"]))
-            done = np.asarray(ops.convert_to_numpy(state["done"]))
-            yield (
-                np.asarray(ops.convert_to_numpy(state["tokens"]))[:, :step],
-                np.asarray(ops.convert_to_numpy(state["logprobs"]))[:, :step],
-                done,
-            )
-            if step >= max_new_tokens or done.all():
-                return
 
 
 def trim_at_stop(tokens, logprobs, stop_ids):

@@ -124,6 +124,28 @@ def test_one_compilation_per_bucket():
     assert buckets <= {16, 32}
 
 
+def test_no_forward_pass_after_the_last_token(monkeypatch):
+    """The first token comes from prefill; a decode step only feeds a token that is kept."""
+    model = tiny_model()
+    forwards = []
+    decode = kv_cache.decode
+    monkeypatch.setattr(kv_cache, "decode", lambda *a, **k: forwards.append(1) or decode(*a, **k))
+    model.generate([[5, 6, 7]], max_new_tokens=1, stop_token_ids=())
+    assert forwards == []
+    if backend_utils.compiles():
+        assert model.generator.compilations == 1  # prefill only: the decode loop never ran
+        return
+    tokens = model.generate([5, 6, 7], max_new_tokens=6, stop_token_ids=()).tolist()
+    assert len(forwards) == 5
+    forwards.clear()
+    stop = tokens[2]
+    model.generate([[5, 6, 7]], max_new_tokens=6, stop_token_ids=[stop])
+    assert len(forwards) == tokens.index(stop)  # none after the stop token
+    forwards.clear()
+    model.generate([5, 6, 7], max_new_tokens=6, stop_token_ids=(), sampler=BeamSearch(num_beams=2))
+    assert len(forwards) == 5
+
+
 # ---- samplers -----------------------------------------------------------------------
 def test_samplers_that_reduce_to_greedy(model):
     prompt = [[11, 22, 33]]

@@ -41,7 +41,7 @@ def main():
         "bfloat16": jnp.asarray(weights, jnp.bfloat16),
         "int8": jnp.asarray(np.clip(np.round(weights * 32), -127, 127).astype("int8")),
     }
-    print(f"| weights | bytes | batch | ms per product | vs float32 | weight GB/s |")
+    print("| weights | bytes | batch | ms per product | vs float32 | weight GB/s |")
     print("|---|---:|---:|---:|---:|---:|")
     for batch in (1, 8):
         rows = rng.standard_normal((batch, 1, COLUMNS), dtype="float32")

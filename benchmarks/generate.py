@@ -508,8 +508,11 @@ class Worker:
         return json.loads(line)
 
     def ask(self, command):
-        self.process.stdin.write(command + "\n")
-        self.process.stdin.flush()
+        try:
+            self.process.stdin.write(command + "\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            pass  # it died while idle: receive() reports its exit and log like any other death
         return self.receive()
 
     def finish(self):
@@ -752,6 +755,13 @@ def main(args):
         "the jitted systems. The split column is keras_gemma2's own prefill function (prompt "
         f"and first token) and its decode loop ({args.new - 1} forward steps). keras-hub prefills its whole max_length (prompt + new) "
         "and recomputes the last prompt token, so part of its prefill lands in its decode figure.")
+    say()
+
+    loads = [f"{label} {results[label]['load_s']:.1f}" for label, _, _ in SYSTEMS
+             if results.get(label) and "load_s" in results[label]]
+    say("Load from the prepared weights (s; one process at a time, weights in the page cache; "
+        "keras_gemma2 builds its variables as zeros before reading the checkpoint, keras-hub "
+        "draws random ones first): " + ", ".join(loads))
     say()
 
     # Memory-bandwidth bound of batch-1 decode: every weight read once per token.

@@ -5,6 +5,8 @@ attention mask rule, the soft-capped attention layer, the GeGLU
 feed-forward, and the decoder block that wires them together.
 """
 
+import contextlib
+
 import keras
 from keras import ops
 
@@ -22,6 +24,28 @@ def wide_dtype(compute_dtype):
     keeps its own dtype.
     """
     return "float32" if compute_dtype == "float16" else compute_dtype
+
+
+_weights_come_from_checkpoint = False
+
+
+@contextlib.contextmanager
+def weights_from_checkpoint():
+    """Layers built inside start as zeros: every weight is about to be overwritten.
+
+    Drawing random values costs ~7x what zeros do (on 2 CPU cores, ~30-50 s of
+    a 2B model's load, minutes for the 27B) and would be thrown away.
+    """
+    global _weights_come_from_checkpoint
+    previous, _weights_come_from_checkpoint = _weights_come_from_checkpoint, True
+    try:
+        yield
+    finally:
+        _weights_come_from_checkpoint = previous
+
+
+def _initializer(random):
+    return "zeros" if _weights_come_from_checkpoint else random
 
 
 def soft_cap(x, cap):
@@ -66,6 +90,14 @@ class Projection(keras.layers.EinsumDense):
         layer = cls(units, dtype=dtype, name=name)
         layer.build((None, None, input_dim))
         return layer
+
+    def build(self, input_shape):
+        chosen = self.kernel_initializer  # what get_config keeps
+        self.kernel_initializer = keras.initializers.get(_initializer(chosen))
+        try:
+            super().build(input_shape)
+        finally:
+            self.kernel_initializer = chosen
 
     def call(self, inputs, training=None):
         if self.quantization_mode is not None:
@@ -175,9 +207,9 @@ class TiedEmbedding(keras.layers.Layer):
         self.embeddings = self.add_weight(
             name="embeddings",
             shape=(self.vocabulary_size, self.hidden_dim),
-            initializer=keras.initializers.VarianceScaling(
+            initializer=_initializer(keras.initializers.VarianceScaling(
                 scale=1.0, mode="fan_in", distribution="untruncated_normal"
-            ),
+            )),
         )
 
     def call(self, inputs, reverse=False):

@@ -82,6 +82,31 @@ def test_config_overrides_and_architecture_only(hf_dir):
     assert Gemma2Backbone.from_preset(hf_dir).config == TINY
 
 
+def test_loading_draws_no_random_weights(hf_dir, monkeypatch):
+    """Every weight is read from the checkpoint, so none is first drawn at random."""
+    import transformers
+
+    from keras_gemma2.layers import Projection
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a random initializer ran while loading a checkpoint")
+
+    monkeypatch.setattr(keras.initializers.VarianceScaling, "__call__", refuse)
+    model = keras_gemma2.from_preset(hf_dir)
+    monkeypatch.undo()
+    reference = transformers.Gemma2ForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").eval()
+    token_ids = np.random.default_rng(0).integers(0, 128, (1, 9)).astype("int32")
+    ours = keras.ops.convert_to_numpy(model({"token_ids": token_ids}))
+    assert np.abs(ours - hf_logits(reference, token_ids)).max() <= 1e-4
+    # The configs still say how to start a model from scratch.
+    projections = [l for l in model.backbone._flatten_layers() if isinstance(l, Projection)]
+    assert projections and all(
+        l.get_config()["kernel_initializer"]["class_name"] == "GlorotUniform" for l in projections
+    )
+    fresh = Gemma2Backbone(TINY)
+    assert np.abs(keras.ops.convert_to_numpy(fresh.token_embedding.embeddings)).max() > 0
+
+
 def test_tokenizer_and_backbone_classmethods(tmp_path, sentencepiece_path):
     directory = save_hf_checkpoint(
         random_hf_model(TINY), str(tmp_path / "hf"), tokenizer_path=sentencepiece_path

@@ -17,7 +17,7 @@ import tempfile
 
 import numpy as np
 
-from keras_gemma2 import preset_registry
+from keras_gemma2 import layers, preset_registry
 from keras_gemma2.checkpoints import hf, safetensors_io
 from keras_gemma2.config import Gemma2Config
 
@@ -144,9 +144,11 @@ def _build_backbone(preset, dtype, load_weights, config_overrides):
         return Gemma2Backbone(config, dtype=policy), None
     directory = resolve_preset(preset)  # downloads at most once
     config, tensors, _ = read_checkpoint(directory)
-    backbone = Gemma2Backbone(config.replace(**config_overrides), dtype=policy)
-    if load_weights:
-        assign_weights(backbone, tensors)
+    if not load_weights:
+        return Gemma2Backbone(config.replace(**config_overrides), dtype=policy), directory
+    with layers.weights_from_checkpoint():  # assign_weights checks that every one is there
+        backbone = Gemma2Backbone(config.replace(**config_overrides), dtype=policy)
+    assign_weights(backbone, tensors)
     return backbone, directory
 
 

@@ -753,8 +753,8 @@ def main(args):
         "is faster: decode = row tok/s / reference tok/s, TTFT = reference TTFT / row TTFT. "
         "Warm-up = first calls (1 and N new tokens) minus the timed medians: XLA compilation for "
         "the jitted systems. The split column is keras_gemma2's own prefill function (prompt "
-        f"and first token) and its decode loop ({args.new - 1} forward steps). keras-hub prefills its whole max_length (prompt + new) "
-        "and recomputes the last prompt token, so part of its prefill lands in its decode figure.")
+        f"and first token) and its decode loop ({args.new - 1} forward steps). keras-hub prefills "
+        "its whole max_length (prompt + new) and recomputes the last prompt token, so part of its prefill lands in its decode figure.")
     say()
 
     loads = [f"{label} {results[label]['load_s']:.1f}" for label, _, _ in SYSTEMS

@@ -12,11 +12,9 @@ memory speed; the table says whether XLA:CPU does that here.
 import os
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
-
-os.environ.setdefault("KERAS_BACKEND", "jax")
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 ROWS, COLUMNS = 32000, 768
 

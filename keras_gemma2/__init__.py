@@ -1,5 +1,11 @@
 """Gemma 2 as one backend-agnostic Keras 3 library."""
 
+# First, before keras is imported: the `keras-gemma2` command makes Ctrl-C exit cleanly and
+# quiets the backends' start-up logs (a no-op when the package is imported as a library).
+from keras_gemma2 import cli_startup as _cli_startup
+
+_cli_startup.prepare_if_command()
+
 from keras_gemma2.version import __version__
 from keras_gemma2.config import Gemma2Config
 from keras_gemma2.backbone import Gemma2Backbone

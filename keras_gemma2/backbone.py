@@ -25,6 +25,17 @@ def resolve_dtype_policy(dtype):
         ) from error
 
 
+def check_token_ids(values, vocabulary_size, name="token_ids"):
+    """Raise ValueError naming `name` when a value of the numpy array lies outside [0, vocabulary_size)."""
+    if values.size and (values.min() < 0 or values.max() >= vocabulary_size):
+        bad = values[(values < 0) | (values >= vocabulary_size)]
+        raise ValueError(
+            f"Token ids must lie in [0, {vocabulary_size}); found {bad[:5].tolist()} in `{name}` "
+            f"(the model's vocabulary has {vocabulary_size} tokens). Was the input tokenized "
+            "with this model's tokenizer?"
+        )
+
+
 def standardize_inputs(inputs, config):
     """Fill a missing padding mask and check shapes and ids before any compute.
 
@@ -62,13 +73,7 @@ def standardize_inputs(inputs, config):
             f"{config.max_sequence_length}. Truncate the input or split it into chunks."
         )
     if backend_utils.is_concrete(token_ids):
-        values = np.asarray(keras.ops.convert_to_numpy(token_ids))
-        if values.size and (values.min() < 0 or values.max() >= config.vocabulary_size):
-            bad = values[(values < 0) | (values >= config.vocabulary_size)]
-            raise ValueError(
-                f"Token ids must lie in [0, {config.vocabulary_size}); found {bad[:5].tolist()}. "
-                "Was the input tokenized with this model's tokenizer?"
-            )
+        check_token_ids(np.asarray(keras.ops.convert_to_numpy(token_ids)), config.vocabulary_size)
     padding_mask = inputs.get("padding_mask")
     if padding_mask is None:
         padding_mask = keras.ops.ones(keras.ops.shape(token_ids), dtype="int32")

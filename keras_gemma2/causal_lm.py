@@ -7,10 +7,13 @@ import keras
 import numpy as np
 
 from keras_gemma2.backbone import Gemma2Backbone, standardize_inputs
+from keras_gemma2.safe_training import CheckedTraining
+from keras_gemma2.samplers import is_integer
+from keras_gemma2.tokenizer import check_text
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma2")
-class Gemma2CausalLM(keras.Model):
+class Gemma2CausalLM(CheckedTraining, keras.Model):
     """`model({"token_ids", "padding_mask"})` -> float32 logits after the final soft-cap.
 
     Training: `model.compile()` picks AdamW and next-token cross-entropy;
@@ -103,14 +106,42 @@ class Gemma2CausalLM(keras.Model):
             if self.tokenizer is None:
                 raise ValueError("Scoring text needs a tokenizer: pass token ids or attach one.")
             texts = [token_ids] if isinstance(token_ids, str) else list(token_ids)
+            for row, text in enumerate(texts):
+                what = "The text" if len(texts) == 1 else f"Text {row}"
+                if not isinstance(text, str):
+                    raise ValueError(f"{what} is a {type(text).__name__}; pass all strings or all token ids.")
+                if not text:
+                    raise ValueError(
+                        f"{what} to score is empty: there is no token to score (perplexity would "
+                        "be meaningless). Pass non-empty text."
+                    )
+                check_text(text, what)
             encoded = self.tokenizer(texts)
+            short = [row for row, ids in enumerate(encoded) if len(ids) < 2]
+            if short:
+                raise ValueError(
+                    f"Text {short[0]} ({texts[short[0]]!r}) has {len(encoded[short[0]])} token(s); "
+                    "scoring needs at least 2 (each token is scored given the ones before it). "
+                    "Attach a tokenizer with add_bos=True or pass longer text."
+                )
             length = max(len(ids) for ids in encoded)
             token_ids = np.zeros((len(encoded), length), "int32")
             padding_mask = np.zeros_like(token_ids)
             for row, ids in enumerate(encoded):
                 token_ids[row, : len(ids)] = ids
                 padding_mask[row, : len(ids)] = 1
+        elif isinstance(token_ids, (list, tuple)) and not token_ids:
+            raise ValueError(
+                "score got an empty list as token_ids: pass a text, a list of texts or token ids "
+                "of shape [batch, sequence]."
+            )
         inputs = standardize_inputs({"token_ids": token_ids, "padding_mask": padding_mask}, self.config)
+        shape = tuple(inputs["token_ids"].shape)
+        if shape[0] == 0 or shape[1] < 2:
+            raise ValueError(
+                f"score needs token_ids with at least one row of at least 2 tokens (each token is "
+                f"scored given the ones before it), got shape {shape}."
+            )
         logits = np.asarray(self.predict_on_batch(inputs), dtype="float32")
         ids = np.asarray(keras.ops.convert_to_numpy(inputs["token_ids"]))
         mask = np.asarray(keras.ops.convert_to_numpy(inputs["padding_mask"])).astype(bool)
@@ -168,6 +199,7 @@ class Gemma2CausalLM(keras.Model):
             sliding_window_size,
         )
         sampler = get_sampler(sampler, temperature, top_k, top_p, min_p)
+        _check_output_options(seed, return_logprobs, stream, beam=not isinstance(sampler, Sampler))
         if not isinstance(sampler, Sampler):
             from keras_gemma2.beam_search import beam_search
 
@@ -212,11 +244,13 @@ class Gemma2CausalLM(keras.Model):
         if is_text:
             batch = [inputs] if isinstance(inputs, str) else list(inputs)
             if not all(isinstance(x, str) for x in batch):
-                raise ValueError("A batch must be all strings or all token-id lists, not a mix.")
+                raise ValueError("A batch of prompts must be all strings or all token-id lists, not a mix.")
             if self.tokenizer is None:
                 raise ValueError("Generating from text needs a tokenizer; pass token ids instead.")
             if any(not text for text in batch):
                 raise ValueError("Empty prompt: every prompt needs at least one character.")
+            for row, text in enumerate(batch):
+                check_text(text, "The prompt" if len(batch) == 1 else f"Prompt {row}")
             prompts = self.tokenizer(batch)
             single = isinstance(inputs, str)
         else:
@@ -229,11 +263,20 @@ class Gemma2CausalLM(keras.Model):
             if single:
                 array = [array]
             if not isinstance(array, (list, tuple)) or not array:
-                raise ValueError(f"Expected a string, strings or token ids; got {type(inputs).__name__}.")
+                raise ValueError(
+                    f"Prompts must be a string, a list of strings or token ids; got {type(inputs).__name__}."
+                )
             prompts = []
             for row in array:
-                if isinstance(row, str) or not all(isinstance(x, (int, np.integer)) for x in row):
-                    raise ValueError("A batch must be all strings or all token-id lists, not a mix.")
+                if isinstance(row, str):
+                    raise ValueError(
+                        "A batch of prompts must be all strings or all token-id lists, not a mix."
+                    )
+                if not isinstance(row, (list, tuple)) or not all(is_integer(x) for x in row):
+                    raise ValueError(
+                        f"Prompt token ids must be lists of integers; got {row!r}. Pass text "
+                        "(with a tokenizer attached) or integer ids."
+                    )
                 prompts.append([int(x) for x in row])
             if any(len(p) == 0 for p in prompts):
                 raise ValueError("Empty prompt: every prompt needs at least one token.")
@@ -242,6 +285,17 @@ class Gemma2CausalLM(keras.Model):
                 raise ValueError(f"Prompt token ids must lie in [0, {config.vocabulary_size}).")
         longest = max(len(p) for p in prompts)
 
+        if max_length is not None and (not is_integer(max_length) or max_length < 1):
+            raise ValueError(
+                f"max_length must be a positive integer (prompt plus new tokens) or None, got "
+                f"{max_length!r} ({type(max_length).__name__})."
+            )
+        if longest >= config.max_sequence_length:
+            raise ValueError(
+                f"The prompt has {longest} tokens, which fills the model's context "
+                f"(max_sequence_length {config.max_sequence_length}) and leaves no room for new "
+                f"tokens. Shorten the prompt to at most {config.max_sequence_length - 1} tokens."
+            )
         if max_length is not None and max_length > config.max_sequence_length:
             raise ValueError(
                 f"max_length {max_length} exceeds the model's max_sequence_length "
@@ -255,8 +309,9 @@ class Gemma2CausalLM(keras.Model):
         if max_new_tokens is None:
             limit = config.max_sequence_length if max_length is None else max_length
             max_new_tokens = min(256, limit - longest) if max_length is None else limit - longest
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if not is_integer(max_new_tokens) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+        max_new_tokens = int(max_new_tokens)
         if longest + max_new_tokens > config.max_sequence_length:
             raise ValueError(
                 f"Prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
@@ -265,16 +320,39 @@ class Gemma2CausalLM(keras.Model):
 
         if isinstance(stop_token_ids, str) and stop_token_ids == "auto":
             stop_token_ids = self._default_stop_ids()
-        stop_ids = tuple(sorted({int(i) for i in (stop_token_ids or ())}))
+        if stop_token_ids is None:
+            stop_token_ids = ()
+        elif is_integer(stop_token_ids):  # one id
+            stop_token_ids = (stop_token_ids,)
+        elif isinstance(stop_token_ids, np.ndarray):
+            stop_token_ids = stop_token_ids.reshape(-1).tolist()
+        if not isinstance(stop_token_ids, (list, tuple, set, frozenset, range)) or not all(
+            is_integer(i) for i in stop_token_ids
+        ):
+            raise ValueError(
+                "stop_token_ids must be 'auto', one integer id or a list of integer ids "
+                f"(empty for none), got {stop_token_ids!r}."
+            )
+        stop_ids = tuple(sorted({int(i) for i in stop_token_ids}))
         bad = [i for i in stop_ids if not 0 <= i < config.vocabulary_size]
         if bad:
             raise ValueError(
-                f"Stop token ids {bad} lie outside the vocabulary [0, {config.vocabulary_size})."
+                f"stop_token_ids {bad} lie outside the vocabulary [0, {config.vocabulary_size})."
+            )
+        if isinstance(stop_strings, str):
+            stop_strings = (stop_strings,)  # one stop string, not its characters
+        if stop_strings is None:
+            stop_strings = ()
+        if not isinstance(stop_strings, (list, tuple, set, frozenset)) or not all(
+            isinstance(s, str) and s for s in stop_strings
+        ):
+            raise ValueError(
+                f"stop_strings must be a string or a list of non-empty strings, got {stop_strings!r}."
             )
         if stop_strings and self.tokenizer is None:
             raise ValueError("stop_strings need a tokenizer to read the text.")
         if stream and len(prompts) != 1:
-            raise ValueError("Streaming generates one prompt at a time; pass a single prompt.")
+            raise ValueError("Streaming (stream=...) generates one prompt at a time; pass a single prompt.")
         window = config.sliding_window_size if window is None else window
         if isinstance(window, bool) or not isinstance(window, int) or not 0 < window <= config.max_sequence_length:
             raise ValueError(
@@ -437,6 +515,32 @@ class Gemma2CausalLM(keras.Model):
         path = os.path.join(dir_path, "tokenizer.model")
         if options is not None and os.path.exists(path):
             self.tokenizer = Gemma2Tokenizer(path, **options)
+
+
+def _check_output_options(seed, return_logprobs, stream, beam):
+    """`seed`, `return_logprobs` and `stream` checks, so none is ignored or fails mid-generation."""
+    if seed is not None and (not is_integer(seed) or not 0 <= seed < 2**31):
+        raise ValueError(
+            f"seed must be an integer in [0, 2**31 - 1] or None, got {seed!r} "
+            f"({type(seed).__name__}); pass e.g. seed=1."
+        )
+    if not isinstance(return_logprobs, (bool, np.bool_)):
+        raise ValueError(f"return_logprobs must be True or False, got {return_logprobs!r}.")
+    if not (isinstance(stream, (bool, np.bool_)) or callable(stream)):
+        raise ValueError(
+            f"stream must be False, True (an iterator of text pieces) or a callable taking each "
+            f"piece, got {stream!r}."
+        )
+    if stream and return_logprobs:
+        raise ValueError(
+            "return_logprobs=True cannot be combined with stream: streaming yields text pieces "
+            "only. Drop stream to get a Generation with log-probabilities."
+        )
+    if stream and beam:
+        raise ValueError(
+            "Beam search cannot stream (stream=...): the best beam is known only at the end. "
+            "Drop stream, or pick a sampler other than 'beam'."
+        )
 
 
 def _tokens_covering(tokenizer, ids, text):

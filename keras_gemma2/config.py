@@ -108,12 +108,18 @@ class Gemma2Config:
 
     @classmethod
     def from_dict(cls, data):
+        if not isinstance(data, dict):
+            raise ValueError(f"A Gemma2Config needs a dict of fields, got {type(data).__name__}.")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(
                 f"Unknown Gemma2Config fields {unknown}; expected a subset of {sorted(known)}."
             )
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise ValueError(f"Incomplete Gemma2Config: missing field(s) {missing}.")
         return cls(**data)
 
     @classmethod

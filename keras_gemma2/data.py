@@ -17,6 +17,8 @@ def read_texts(paths):
         raise ValueError("No data files given.")
     texts = []
     for path in paths:
+        if os.path.isdir(path):
+            raise ValueError(f"Data file {path!r} is a folder; pass the text files in it (e.g. {path}/*.txt).")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Data file {path!r} does not exist.")
         try:

@@ -15,6 +15,7 @@ import keras
 from keras import ops
 
 from keras_gemma2.causal_lm import Gemma2CausalLM
+from keras_gemma2.safe_training import CheckedTraining
 
 
 def soft_cross_entropy(student_logits, teacher_logits, temperature=1.0):
@@ -30,13 +31,16 @@ def hard_cross_entropy(student_logits, targets):
     return -ops.take_along_axis(log_probs, ops.cast(targets, "int32")[..., None], axis=-1)[..., 0]
 
 
-class StudentTrainer(keras.Model):
+class StudentTrainer(CheckedTraining, keras.Model):
     """What the online and offline distillers share.
 
     The forward pass returns the student's hidden states; `chunked_mean`
     projects them to the vocabulary `chunk_size` positions at a time and
     averages a per-token loss over the real (non-padding) next-token targets.
     """
+
+    def _vocabulary_size(self):
+        return self.student.config.vocabulary_size
 
     def call(self, inputs, training=False):
         inputs = {"token_ids": inputs["token_ids"], "padding_mask": inputs["padding_mask"]}

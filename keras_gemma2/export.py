@@ -22,6 +22,7 @@ PyTorch is saved to a temporary preset and exported by a child process with
 KERAS_BACKEND=tensorflow (a process has one Keras backend).
 """
 
+import collections
 import contextlib
 import dataclasses
 import os
@@ -37,12 +38,21 @@ import numpy as np
 from keras_gemma2 import kv_cache, litert_weights
 from keras_gemma2 import tokenizer as tokenizer_module
 from keras_gemma2.checkpoints.safetensors_io import write_json
+from keras_gemma2.files import staging_directory
 
 FORMATS = ("litert", "saved_model")
 QUANTIZATIONS = (None, "int8", "int4")
 DEFAULT_CACHE_LENGTH = 1024
 DEFAULT_PREFILL_LENGTHS = (32, 128, 512)
+# What export_lengths derives, for help texts (the CLI's --cache-length / --prefill-lengths).
+CACHE_LENGTH_TEXT = f"min({DEFAULT_CACHE_LENGTH}, the model's context length)"
+PREFILL_LENGTHS_TEXT = (
+    f"those of {' '.join(map(str, DEFAULT_PREFILL_LENGTHS))} that fit the cache, "
+    "or the cache length if none does"
+)
 METADATA_NAME = "keras_gemma2_export.json"
+# Hidden folders beside the output while an export runs (files.staging_directory).
+STAGING_PREFIX = ".keras_gemma2-export-"
 # Above this the flatbuffer's 2 GB limit needs weights stored after it (buffer offsets).
 _LARGE_MODEL_BYTES = 1 << 30
 
@@ -63,8 +73,9 @@ def export(
     path,
     format="litert",
     quantization=None,
-    cache_length=DEFAULT_CACHE_LENGTH,
-    prefill_lengths=DEFAULT_PREFILL_LENGTHS,
+    cache_length=None,
+    prefill_lengths=None,
+    progress=None,
 ):
     """Export `model` (a Gemma2CausalLM) for on-device generation; returns the artifact path.
 
@@ -75,13 +86,38 @@ def export(
     per-channel int8 weights with float activations / ai-edge-quantizer's
     channel-wise int4. SavedModel: the weights of a Keras-quantized copy of the
     model (`Gemma2CausalLM.quantize`), dequantized inside the graph.
-    `cache_length`: positions the KV cache holds (prompt + generated tokens).
-    `prefill_lengths`: the static prompt buckets, each <= cache_length.
+    `cache_length`: positions the KV cache holds (prompt + generated tokens);
+    None: min(1024, the model's context length).
+    `prefill_lengths`: the static prompt buckets, each <= cache_length; None:
+    those of (32, 128, 512) that fit the cache, or the cache length if none does
+    (see `export_lengths`).
+    `progress`: None (silent) or a callable `progress(stage, step, steps)`,
+    called as step `step` of `steps` begins (an export of the 2B takes minutes).
     """
     plan = plan_export(model, path, format, quantization, cache_length, prefill_lengths)
     if keras.backend.backend() == "tensorflow" and model.backbone.compute_dtype == "float32":
-        return _export_here(model.backbone, model.tokenizer, plan, _stop_ids(model))
-    return _export_in_child(model, plan)
+        return _export_here(model.backbone, model.tokenizer, plan, _stop_ids(model), progress=progress)
+    return _export_in_child(model, plan, progress)
+
+
+def export_lengths(config, cache_length=None, prefill_lengths=None):
+    """(cache_length, prefill_lengths) with the unset ones derived from the model's `config`.
+
+    The one place export's defaults are decided (export(), export_preset and the
+    CLI use it): the cache holds min(1024, max_sequence_length) positions, so a
+    512-context model exports with its defaults; the buckets are the default ones
+    that fit that cache, or the cache length itself when none does. Given values
+    are returned as they are (plan_export checks them).
+    """
+    if cache_length is None:
+        cache_length = min(DEFAULT_CACHE_LENGTH, config.max_sequence_length)
+    if prefill_lengths is None:
+        fitting = isinstance(cache_length, (int, np.integer)) and not isinstance(cache_length, bool)
+        prefill_lengths = tuple(p for p in DEFAULT_PREFILL_LENGTHS if fitting and p <= cache_length)
+        prefill_lengths = prefill_lengths or (cache_length,)
+    elif isinstance(prefill_lengths, list):
+        prefill_lengths = tuple(prefill_lengths)
+    return cache_length, prefill_lengths
 
 
 def plan_export(model, path, format, quantization, cache_length, prefill_lengths):
@@ -110,6 +146,7 @@ def plan_export(model, path, format, quantization, cache_length, prefill_lengths
     _check_writable(os.path.dirname(path))
 
     config = model.config
+    cache_length, prefill_lengths = export_lengths(config, cache_length, prefill_lengths)
     if isinstance(cache_length, bool) or not isinstance(cache_length, (int, np.integer)):
         raise ValueError(f"cache_length must be an integer, got {cache_length!r}.")
     if not 1 <= cache_length <= config.max_sequence_length:
@@ -183,7 +220,8 @@ def _stop_ids(model):
 
 
 # ---- the traced signatures (TensorFlow backend) -------------------------------
-def build_signatures(backbone, cache_length, prefill_lengths, int8_lookup=False, template=False):
+def build_signatures(backbone, cache_length, prefill_lengths, int8_lookup=False, template=False,
+                     stage=None):
     """A tf.Module with `prefill_{P}` and `decode` tf.functions over the backbone's weights.
 
     The module holds the backbone's underlying tf.Variables (not the Keras
@@ -286,7 +324,11 @@ def build_signatures(backbone, cache_length, prefill_lengths, int8_lookup=False,
     signatures["decode"] = decode
     for name, function in signatures.items():
         setattr(module, name, function)
-    concrete = {name: function.get_concrete_function() for name, function in signatures.items()}
+    concrete = {}
+    for name, function in signatures.items():
+        if stage:
+            stage(f"tracing the {name} signature")
+        concrete[name] = function.get_concrete_function()
     return module, concrete, slots
 
 
@@ -327,31 +369,39 @@ def _version():
     return __version__
 
 
-def _export_here(backbone, tokenizer, plan, stop_ids, stitch=True):
+def _export_here(backbone, tokenizer, plan, stop_ids, stitch=True, progress=None, stage=None):
     """Trace, save and (for LiteRT) convert in this TensorFlow-backend process.
 
     An int8 LiteRT export converts a two-block template and writes every
     block's own weights into it (`litert_weights`): the converter's memory
     then does not grow with depth. `stitch=False` converts the whole model
     directly (the reference the tests compare against).
+    `progress(stage, step, steps)` (see export) hears of each stage; or
+    `stage(name)`, a callable that does the numbering (export_preset's).
     """
     import tensorflow as tf
 
     parent = os.path.dirname(plan.path)
     stitched = stitch and plan.format == "litert" and plan.quantization == "int8"
-    if plan.format == "saved_model" and plan.quantization and not _keras_quantized(backbone):
+    if stage is None:
+        stage = _Steps(progress, _stage_count(plan, backbone, stitch))
+    if _quantizes_a_copy(plan, backbone):
+        stage(f"quantizing a copy of the model to {plan.quantization} in Keras")
         backbone = _quantized_copy(backbone, plan.quantization)
-    staging = tempfile.mkdtemp(prefix=".export-partial-", dir=parent)
+    staging = staging_directory(parent, STAGING_PREFIX)
     try:
         module, concrete, slots = build_signatures(
             backbone, plan.cache_length, plan.prefill_lengths,
             int8_lookup=plan.format == "litert" and plan.quantization is not None,
-            template=stitched,
+            template=stitched, stage=stage,
         )
+        stage("saving the SavedModel")
         saved_model = os.path.join(staging, "saved_model")
         tf.saved_model.save(module, saved_model, signatures=concrete)
         signature_keys = list(concrete)
         del module, concrete
+        stage("writing the tokenizer and metadata" if plan.format == "saved_model" else
+              "converting to LiteRT (the longest step)")
         if plan.format == "saved_model":
             files = {"tokenizer": "tokenizer.model" if tokenizer is not None else None}
             if tokenizer is not None:
@@ -373,12 +423,15 @@ def _export_here(backbone, tokenizer, plan, stop_ids, stitch=True):
             template = os.path.join(staging, "template.tflite")
             convert_file(saved_model, template, signature_keys, plan.quantization, buffer_offsets=True)
             shutil.rmtree(saved_model)
+            stage(f"writing each of the {backbone.config.num_layers} blocks' int8 weights")
             litert_weights.stitch(template, staged_model, backbone)
             os.remove(template)
         else:
             convert_file(saved_model, staged_model, signature_keys, plan.quantization)
         if plan.quantization == "int4":
+            stage("quantizing the weights to int4 (ai-edge-quantizer)")
             quantize_int4(staged_model)
+        stage("writing the tokenizer and metadata")
         if tokenizer is not None:
             os.replace(tokenizer.save_assets(staging), os.path.join(staging, files["tokenizer"]))
         write_json(
@@ -393,6 +446,31 @@ def _export_here(backbone, tokenizer, plan, stop_ids, stitch=True):
         return plan.path
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+class _Steps:
+    """Calls `progress(stage, step, steps)` for each stage begun; `progress=None` is silent."""
+
+    def __init__(self, progress, steps):
+        self.progress, self.steps, self.step = progress, steps, 0
+
+    def __call__(self, stage):
+        self.step += 1
+        if self.progress is not None:
+            self.progress(stage, self.step, max(self.steps, self.step))
+
+
+def _stage_count(plan, backbone, stitch=True):
+    """How many stages `_export_here` reports (the progress bar's length)."""
+    count = int(_quantizes_a_copy(plan, backbone)) + len(plan.prefill_lengths) + 1  # + decode
+    count += 2  # saving the SavedModel; then writing files (saved_model) or converting (litert)
+    if plan.format == "litert":
+        count += 1 + int(stitch and plan.quantization == "int8") + int(plan.quantization == "int4")
+    return count
+
+
+def _quantizes_a_copy(plan, backbone):
+    return bool(plan.format == "saved_model" and plan.quantization and not _keras_quantized(backbone))
 
 
 def _keras_quantized(backbone):
@@ -486,10 +564,17 @@ def quantize_int4(path):
 
 
 # ---- other backends: a TensorFlow child process ------------------------------
-def _export_in_child(model, plan):
-    """Save the weights to a temporary preset; a KERAS_BACKEND=tensorflow child exports it."""
+def _export_in_child(model, plan, progress=None):
+    """Save the weights to a temporary preset; a KERAS_BACKEND=tensorflow child exports it.
+
+    The child reports its stages on its output (`--progress`); they reach
+    `progress` numbered on after this process's own.
+    """
+    stage = _Steps(progress, 2 + _stage_count(plan, model.backbone))  # + saving, + the child loading
     parent = os.path.dirname(plan.path)
-    with tempfile.TemporaryDirectory(prefix=".export-preset-", dir=parent) as scratch:
+    scratch = staging_directory(parent, STAGING_PREFIX)  # a full float copy of the weights
+    try:
+        stage("saving a float32 copy of the weights for a TensorFlow process")
         preset = os.path.join(scratch, "preset")
         model.save_to_preset(preset)
         command = [
@@ -498,50 +583,117 @@ def _export_in_child(model, plan):
             "--cache-length", str(plan.cache_length),
             "--prefill-lengths", *[str(p) for p in plan.prefill_lengths],
             "--stop-ids", *[str(i) for i in _stop_ids(model)],
+            "--progress",
         ]
         if plan.quantization:
             command += ["--quantization", plan.quantization]
-        environment = {**os.environ, "KERAS_BACKEND": "tensorflow"}
-        result = subprocess.run(command, env=environment, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(
-                "The TensorFlow export process failed:\n" + result.stderr[-4000:]
-            )
+        environment = {**os.environ, "KERAS_BACKEND": "tensorflow", _PARENT_VARIABLE: str(os.getpid())}
+        _run_child(command, environment, stage)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return plan.path
 
 
-def export_preset(preset, path, format="litert", quantization=None,
-                  cache_length=DEFAULT_CACHE_LENGTH, prefill_lengths=DEFAULT_PREFILL_LENGTHS,
-                  stop_ids=None, log=None):
-    """Load `preset` in float32 and export it (this process must run the TensorFlow backend)."""
+# How the export child marks a stage line in its output (the rest is kept for error messages).
+_STAGE_MARKER = "keras-gemma2 export stage: "
+
+
+def _run_child(command, environment, stage):
+    """Run the export child; its stage lines go to `stage` as they come.
+
+    Its other output (TensorFlow's logs, a traceback) is kept: the last line
+    of it leads the RuntimeError when the child fails.
+    """
+    tail = collections.deque(maxlen=80)
+    process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, errors="replace")
+    try:
+        for line in process.stdout:
+            if line.startswith(_STAGE_MARKER):
+                stage(line[len(_STAGE_MARKER):].strip())
+            elif line.strip():
+                tail.append(line.rstrip())
+        status = process.wait()
+    finally:
+        if process.poll() is None:  # interrupted here (e.g. Ctrl-C in a notebook): stop it too
+            process.kill()
+            process.wait()
+        process.stdout.close()
+    if status != 0:
+        last = tail[-1] if tail else f"exit status {status}"
+        raise RuntimeError(
+            f"The TensorFlow export process failed: {last}\n" + "\n".join(tail)[-4000:]
+        )
+
+
+def _die_with_parent():
+    """Called first in the export child: Linux ends it when the exporting process dies.
+
+    A killed export then leaves no orphan still converting in the background; its
+    staging folder is removed by the next export (files.staging_directory).
+    """
+    parent = os.environ.pop(_PARENT_VARIABLE, None)
+    if parent is None:  # run by hand, not by _export_in_child
+        return
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return  # not Linux: the child finishes on its own
+    if os.getppid() != int(parent):  # the parent died before prctl took effect
+        sys.exit(1)
+
+
+_PARENT_VARIABLE = "KERAS_GEMMA2_EXPORT_PARENT"
+
+
+def export_preset(preset, path, format="litert", quantization=None, cache_length=None,
+                  prefill_lengths=None, stop_ids=None, log=None, stage=None):
+    """Load `preset` in float32 and export it (this process must run the TensorFlow backend).
+
+    `stage(name)`, if given, is called as each stage begins, loading included.
+    """
     from keras_gemma2.causal_lm import Gemma2CausalLM
 
     if keras.backend.backend() != "tensorflow":
         raise RuntimeError("export_preset traces with TensorFlow: set KERAS_BACKEND=tensorflow.")
     start = time.time()
+    if stage:
+        stage("loading the weights in a TensorFlow process")
     model = Gemma2CausalLM.from_preset(preset, dtype="float32")
     plan = plan_export(model, path, format, quantization, cache_length, prefill_lengths)
     if log:
         log(f"loaded {preset} in {time.time() - start:.1f} s")
     stop_ids = list(stop_ids) if stop_ids else _stop_ids(model)
-    return _export_here(model.backbone, model.tokenizer, plan, stop_ids)
+    return _export_here(model.backbone, model.tokenizer, plan, stop_ids, stage=stage)
 
 
 def main(argv=None):
     import argparse
+
+    _die_with_parent()
 
     parser = argparse.ArgumentParser(description="Export a Gemma 2 preset (TensorFlow backend).")
     parser.add_argument("preset")
     parser.add_argument("path")
     parser.add_argument("--format", default="litert")
     parser.add_argument("--quantization", default=None)
-    parser.add_argument("--cache-length", type=int, default=DEFAULT_CACHE_LENGTH)
-    parser.add_argument("--prefill-lengths", type=int, nargs="+", default=list(DEFAULT_PREFILL_LENGTHS))
+    parser.add_argument("--cache-length", type=int, default=None, help=f"default: {CACHE_LENGTH_TEXT}")
+    parser.add_argument("--prefill-lengths", type=int, nargs="+", default=None,
+                        help=f"default: {PREFILL_LENGTHS_TEXT}")
     parser.add_argument("--stop-ids", type=int, nargs="*", default=None)
+    parser.add_argument("--progress", action="store_true", help="print a line as each stage begins")
     args = parser.parse_args(argv)
+
+    def stage(name):
+        print(_STAGE_MARKER + name, file=sys.stderr, flush=True)
+
     export_preset(
         args.preset, args.path, args.format, args.quantization, args.cache_length,
         args.prefill_lengths, args.stop_ids, log=lambda m: print(m, file=sys.stderr),
+        stage=stage if args.progress else None,
     )
 
 

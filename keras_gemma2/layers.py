@@ -116,6 +116,14 @@ class Projection(keras.layers.EinsumDense):
         return {**config, "units": self.units}
 
 
+def adapted_layers(root):
+    """The layers under `root` that carry unmerged LoRA adapters (Keras' own `enable_lora`)."""
+    return [
+        layer for layer in root._flatten_layers(include_self=False)
+        if getattr(layer, "lora_enabled", False)
+    ]
+
+
 class RMSNorm(keras.layers.Layer):
     """Root-mean-square norm in float32 with the scale applied as (1 + w)."""
 

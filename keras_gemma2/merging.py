@@ -5,9 +5,15 @@ tensor by tensor (one checkpoint tensor in memory at a time, plus the float32
 running sum) and return a Gemma2CausalLM.
 """
 
+import os
+
 import numpy as np
 
 from keras_gemma2.checkpoints import assign_weights, read_checkpoint, resolve_preset
+
+
+def _is_real(value):
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
 def _load(preset):
@@ -46,16 +52,37 @@ def average_checkpoints(presets, weights=None, dtype=None):
 
     `weights` are normalised to sum to 1; the first preset's tokenizer is kept.
     """
+    if isinstance(presets, (str, bytes, os.PathLike)):
+        raise TypeError(
+            f"presets must be a list of presets, got the single {type(presets).__name__} {presets!r} "
+            "(pass a list, e.g. presets=[a, b])."
+        )
     presets = list(presets)
     if not presets:
         raise ValueError("average_checkpoints needs at least one preset.")
     if weights is None:
         weights = [1.0] * len(presets)
+    if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
+        raise TypeError(
+            f"weights must be a list of numbers, one per preset, got {weights!r} "
+            "(pass e.g. weights=[0.5, 0.5])."
+        )
     if len(weights) != len(presets):
-        raise ValueError(f"Got {len(weights)} weights for {len(presets)} checkpoints.")
+        raise ValueError(
+            f"Got {len(weights)} weights for {len(presets)} checkpoints "
+            "(pass one weight per preset)."
+        )
+    for weight in weights:
+        if not _is_real(weight):
+            raise TypeError(
+                f"weights must be numbers, got {weight!r} (a {type(weight).__name__}) in {list(weights)!r}."
+            )
     weights = np.asarray(weights, "float64")
-    if (weights < 0).any() or weights.sum() <= 0:
-        raise ValueError(f"Merge weights must be non-negative with a positive sum, got {weights.tolist()}.")
+    if not np.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
+        raise ValueError(
+            f"Merge weights must be finite and non-negative with a positive sum, got "
+            f"{weights.tolist()} (pass e.g. weights=[0.5, 0.5])."
+        )
     weights = weights / weights.sum()
 
     loaded = [_load(preset) for preset in presets]  # configs first: fail before any tensor is read
@@ -71,7 +98,12 @@ def average_checkpoints(presets, weights=None, dtype=None):
 
 
 def interpolate(preset, base, alpha, dtype=None):
-    """base + alpha * (preset - base): alpha=1 gives `preset`, 0 gives `base`."""
+    """base + alpha * (preset - base): alpha=1 gives `preset`, 0 gives `base`.
+
+    Any finite alpha is allowed: outside [0, 1] it extrapolates.
+    """
+    if not _is_real(alpha) or not np.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha!r} (pass e.g. alpha=0.5).")
     config, tensors, tokenizer_path = _load(preset)
     base_config, base_tensors, _ = _load(base)
     _check_same_architecture(config, base_config, base)

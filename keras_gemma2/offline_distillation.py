@@ -13,6 +13,7 @@ sum_{x in top k} -P'(x) log P_S(x); with k = vocabulary size it equals the
 online loss exactly (a test checks that).
 """
 
+import hashlib
 import json
 import os
 
@@ -33,9 +34,96 @@ def _shard_path(directory, step):
     return os.path.join(directory, f"batch_{step:07d}.safetensors")
 
 
-def build_store(teacher, stream, directory, k, num_batches, batch_size, sequence_length, seed=0, log=None):
-    """Write (or complete) a store of `num_batches` batches; returns its manifest."""
+def _stream_fingerprint(stream):
+    """sha256 of the token stream: catches other data files and other tokenizers alike."""
+    stream = np.ascontiguousarray(stream, "int32")
+    return {"tokens": int(stream.size), "sha256": hashlib.sha256(stream.tobytes()).hexdigest()}
+
+
+def weights_fingerprint(model, samples=257):
+    """sha256 over every weight's path, shape and `samples` evenly spaced values.
+
+    The values are gathered on the device, so a 27B teacher is not copied to
+    the host; a retrained or differently loaded teacher changes them.
+    """
+    digest = hashlib.sha256()
+    for variable in sorted(model.weights, key=lambda v: v.path):
+        size = int(np.prod(variable.shape))
+        digest.update(f"{variable.path}:{tuple(variable.shape)}:{variable.dtype};".encode())
+        if size == 0:
+            continue
+        indices = np.unique(np.linspace(0, size - 1, min(size, samples)).round().astype("int32"))
+        values = ops.take(ops.reshape(variable.value, (-1,)), ops.convert_to_tensor(indices))
+        digest.update(np.asarray(ops.convert_to_numpy(ops.cast(values, "float32"))).tobytes())
+    return digest.hexdigest()
+
+
+_FIELD_NAMES = {
+    "k": "top-k",
+    "vocabulary_size": "vocabulary size",
+    "batch_size": "batch size",
+    "sequence_length": "sequence length",
+    "seed": "seed",
+    "teacher_config": "teacher architecture",
+    "teacher_weights": "teacher weights",
+    "data": "token stream (other data files or tokenizer)",
+}
+
+
+def _describe(value):
+    if isinstance(value, dict) and "sha256" in value:
+        return f"{value.get('tokens')} tokens, sha256 {str(value['sha256'])[:12]}"
+    return repr(value)
+
+
+def _mismatch(existing, manifest, directory):
+    """The fields of an existing store that differ from this build's, as one clear error.
+
+    `sources` entries are compared only where both builds recorded them (a
+    library call may record none); the token stream hash always is.
+    """
+    differences = []
+    for key, value in manifest.items():
+        old = existing.get(key)
+        if key == "num_batches" or old == value:
+            continue
+        label = _FIELD_NAMES.get(key, key)
+        if key == "sources":
+            old = old if isinstance(old, dict) else {}
+            differences += [f"{name}: different" for name in sorted(set(old) & set(value))
+                            if old[name] != value[name]]
+        elif old is None:
+            differences.append(f"{label}: not recorded there (a store from an older version)")
+        elif key == "teacher_config" and isinstance(old, dict):
+            differences += [f"teacher {name}: {old.get(name)!r} there vs {value.get(name)!r} now"
+                            for name in sorted(set(old) | set(value)) if old.get(name) != value.get(name)]
+        elif key == "teacher_weights":
+            differences.append(f"{label}: different (another checkpoint or dtype)")
+        else:
+            differences.append(f"{label}: {_describe(old)} there vs {_describe(value)} now")
+    if differences:
+        raise ValueError(
+            f"The teacher store {directory} was built from other inputs ({'; '.join(differences)}); "
+            "its batches would not match this run. Use a new store folder, or delete this one to "
+            "rebuild it."
+        )
+
+
+def build_store(teacher, stream, directory, k, num_batches, batch_size, sequence_length, seed=0,
+                log=None, sources=None):
+    """Write (or complete) a store of `num_batches` batches; returns its manifest.
+
+    The manifest records what the store is built from: the settings, the
+    teacher's architecture and a fingerprint of its weights, a hash of the
+    token stream, and `sources` (e.g. hashes of the data and tokenizer files,
+    recorded to name what changed). Building into a folder whose manifest
+    differs is an error; the same inputs resume a partly built store.
+    """
     vocabulary = teacher.config.vocabulary_size
+    for name, value, minimum in (("num_batches", num_batches, 1), ("batch_size", batch_size, 1),
+                                 ("sequence_length", sequence_length, 2), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocabulary:
         raise ValueError(f"k must be an integer in [1, {vocabulary}] (the vocabulary size), got {k!r}.")
     if sequence_length > teacher.config.max_sequence_length:
@@ -50,20 +138,27 @@ def build_store(teacher, stream, directory, k, num_batches, batch_size, sequence
         "sequence_length": sequence_length,
         "seed": seed,
         "teacher_config": teacher.config.to_dict(),
+        "teacher_weights": weights_fingerprint(teacher),
+        "data": _stream_fingerprint(stream),
+        "sources": dict(sources or {}),
         "num_batches": num_batches,
     }
-    os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, MANIFEST)
     if os.path.exists(path):
-        with open(path) as f:
-            existing = json.load(f)
-        same = {key: existing.get(key) for key in manifest if key != "num_batches"}
-        if same != {key: value for key, value in manifest.items() if key != "num_batches"}:
+        try:
+            with open(path) as f:
+                existing = json.load(f)
+            previous = int(existing["num_batches"])
+        except (ValueError, KeyError, TypeError) as error:
             raise ValueError(
-                f"{directory} holds a store built with other settings (k, batch, length, seed or "
-                "teacher); use a new directory."
-            )
-        manifest["num_batches"] = max(num_batches, existing["num_batches"])
+                f"The teacher store manifest {path} is damaged ({error}); delete {directory} "
+                "to rebuild it, or use a new store folder."
+            ) from error
+        _mismatch(existing, manifest, directory)
+        manifest["num_batches"] = max(num_batches, previous)
+        if isinstance(existing.get("sources"), dict):  # keep what an earlier build recorded
+            manifest["sources"] = {**existing["sources"], **manifest["sources"]}
+    os.makedirs(directory, exist_ok=True)
     with atomic_write(path, "w") as f:
         json.dump(manifest, f, indent=2)
 

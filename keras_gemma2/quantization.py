@@ -12,7 +12,7 @@ import keras
 import ml_dtypes
 import numpy as np
 
-from keras_gemma2.layers import TiedEmbedding
+from keras_gemma2.layers import TiedEmbedding, adapted_layers
 
 MODES = ("int8", "int4")
 
@@ -32,8 +32,6 @@ def quantization_modes(model):
 
 def check_request(model, mode, config=None):
     """Fail before any work: an unknown mode, a quantized model, float16 + int8, LoRA."""
-    from keras_gemma2 import lora
-
     if mode is None and config is not None:
         mode = getattr(config, "mode", None)
     if not isinstance(mode, str) or mode not in MODES:
@@ -55,7 +53,7 @@ def check_request(model, mode, config=None):
             "int8 activations too, and float16 overflows). Load the model in bfloat16 or "
             "float32 (from_preset(..., dtype='bfloat16')) and quantize that."
         )
-    if lora.lora_layers(model):
+    if adapted_layers(model.backbone):
         raise ValueError(
             "This model has unmerged LoRA adapters; call `model = model.merge_lora()` first, "
             "then quantize the merged model."
@@ -72,6 +70,11 @@ def layer_filter(filters=None):
     if callable(filters):
         return lambda layer: quantizable(layer) and bool(filters(layer))
     if isinstance(filters, (list, tuple)) and all(isinstance(f, str) for f in filters):
+        for pattern in filters:  # a bad regex fails here, not after some layers are quantized
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"`filters` holds an invalid regex {pattern!r}: {error}.") from None
         return lambda layer: quantizable(layer) and any(re.search(f, layer.path) for f in filters)
     raise ValueError(
         f"`filters` must be a regex string, a list of them or a callable; got {type(filters).__name__}."

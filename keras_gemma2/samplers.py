@@ -6,12 +6,24 @@ Settings combine in the usual order: temperature, then top-k, top-p, min-p.
 """
 
 import dataclasses
+import math
 
+import numpy as np
 from keras import ops
 
 from keras_gemma2 import backend_utils
 
 _REMOVED = -1e30
+
+
+def is_integer(value):
+    """A Python or numpy integer, not a bool (True is an int to Python)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def is_real_number(value):
+    """A Python or numpy int/float, not a bool or a string."""
+    return is_integer(value) or isinstance(value, (float, np.floating))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,14 +42,34 @@ class Sampler:
     min_p: float = None
 
     def __post_init__(self):
-        if self.temperature is None or not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}.")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k <= 0):
-            raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}.")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}.")
+        # Checked here, not in the compiled loop: a str, bool or NaN would fail deep inside
+        # it or sample from a meaningless distribution.
+        for name, allowed, example in (
+            ("temperature", ">= 0 and finite", 0.8),
+            ("top_p", "in (0, 1]", 0.9),
+            ("min_p", "in [0, 1]", 0.05),
+        ):
+            value = getattr(self, name)
+            if value is None and name != "temperature":
+                continue
+            if not is_real_number(value):
+                raise ValueError(
+                    f"{name} must be {allowed}, got {value!r} ({type(value).__name__}); "
+                    f"pass a number such as {name}={example}."
+                )
+            value = float(value)
+            low_ok = value > 0 if name == "top_p" else value >= 0
+            high = math.inf if name == "temperature" else 1.0
+            if not (low_ok and value <= high and math.isfinite(value)):
+                raise ValueError(f"{name} must be {allowed}, got {value}; pass e.g. {name}={example}.")
+            object.__setattr__(self, name, value)
+        if self.top_k is not None:
+            if not is_integer(self.top_k) or self.top_k <= 0:
+                raise ValueError(
+                    f"top_k must be a positive integer, got {self.top_k!r} "
+                    f"({type(self.top_k).__name__}); pass e.g. top_k=50."
+                )
+            object.__setattr__(self, "top_k", int(self.top_k))
         if self.temperature == 0:  # the limit of temperature -> 0
             object.__setattr__(self, "greedy", True)
 
@@ -67,20 +99,45 @@ SAMPLER_NAMES = ("greedy", "temperature", "top_k", "top_p", "min_p", "beam")
 
 
 def get_sampler(sampler, temperature=None, top_k=None, top_p=None, min_p=None):
-    """A Sampler from a name plus settings, or a Sampler / BeamSearch as given."""
-    if isinstance(sampler, (Sampler, BeamSearch)):
-        return sampler
-    if sampler not in SAMPLER_NAMES:
+    """A Sampler from a name plus settings, or a Sampler / BeamSearch as given.
+
+    Settings the chosen sampler would ignore are refused, so that e.g.
+    `temperature=0.8` without `sampler=` is never silently greedy.
+    """
+    if not isinstance(sampler, (Sampler, BeamSearch)) and sampler not in SAMPLER_NAMES:
         raise ValueError(
             f"Unknown sampler {sampler!r}. Use one of {', '.join(SAMPLER_NAMES)}, "
             "or pass a keras_gemma2.Sampler / BeamSearch object."
         )
+    pairs = (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p))
+    given = {name: value for name, value in pairs if value is not None}
+    # Validate the values whatever the sampler (a throwaway Sampler checks them all).
+    Sampler(**{"temperature": 1.0, **given})
+    if given and isinstance(sampler, (Sampler, BeamSearch)):
+        text = ", ".join(f"{k}={v!r}" for k, v in given.items())
+        raise ValueError(
+            f"{text} would be ignored: `sampler` is a {type(sampler).__name__} object, which "
+            "carries its own settings. Set them in the object (e.g. "
+            f"keras_gemma2.Sampler({text})) or pass a sampler name instead."
+        )
+    if isinstance(sampler, (Sampler, BeamSearch)):
+        return sampler
+    if sampler == "greedy" and given.get("temperature") == 0:
+        del given["temperature"]  # temperature 0 is greedy
+    if given and sampler in ("greedy", "beam"):
+        name = next(iter(given))
+        what = "takes the most likely token" if sampler == "greedy" else "keeps the most likely beams"
+        also = " (or 'top_k', 'top_p', 'min_p', which also apply temperature)" if name == "temperature" else ""
+        raise ValueError(
+            f"{name}={given[name]!r} needs a sampling sampler: sampler={sampler!r} {what} and would "
+            f"ignore it. Pass sampler={name!r}{also}, e.g. generate(..., sampler={name!r}, "
+            f"{name}={given[name]!r})."
+        )
     if sampler == "beam":
         return BeamSearch()
-    settings = {"temperature": 1.0 if temperature is None else temperature}
-    settings.update({k: v for k, v in (("top_k", top_k), ("top_p", top_p), ("min_p", min_p)) if v is not None})
     if sampler == "greedy":
         return Sampler(greedy=True)
+    settings = {"temperature": 1.0, **given}
     if sampler == "top_k" and "top_k" not in settings:
         settings["top_k"] = 50
     if sampler == "top_p" and "top_p" not in settings:

@@ -136,6 +136,7 @@ class Gemma2Tokenizer:
         self._check_can_add(add_bos, add_eos)
 
         if isinstance(text, str):
+            check_text(text)
             return self._tokenize_one(text, add_bos, add_eos)
         if isinstance(text, (list, tuple)):
             for i, t in enumerate(text):
@@ -144,6 +145,7 @@ class Gemma2Tokenizer:
                         f"tokenize expects str or a list of str; item {i} "
                         f"is {type(t).__name__}."
                     )
+                check_text(t, f"Text {i}")
             return [self._tokenize_one(t, add_bos, add_eos) for t in text]
         raise TypeError(
             f"tokenize expects str or a list of str, got {type(text).__name__}."
@@ -328,6 +330,21 @@ class Gemma2Tokenizer:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def check_text(text, what="The text"):
+    """Refuse text that is not valid Unicode (a lone surrogate, e.g. from a bad decode).
+
+    sentencepiece would fail with an unreadable pybind11 cast error instead.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"{what} holds a lone surrogate {text[error.start]!r} at character {error.start}: "
+            "it is not valid Unicode, so it cannot be tokenized. Remove it, or decode the "
+            "source bytes with errors='replace'."
+        ) from None
 
 
 def _read_proto(proto):

@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 
 import keras
@@ -53,15 +54,49 @@ def save_checkpoint(model, directory, step, history):
             shutil.rmtree(os.path.join(directory, other), ignore_errors=True)
 
 
-def load_checkpoint(model, directory):
-    """Restore the newest checkpoint into `model` (compiled); returns its state or None."""
+def _read_state(directory):
+    """(folder, state.json contents) of the checkpoint `latest` names, or None; clear errors."""
     pointer = os.path.join(directory, LATEST)
     if not os.path.exists(pointer):
         return None
     with open(pointer) as f:
-        folder = os.path.join(directory, f.read().strip())
-    with open(os.path.join(folder, "state.json")) as f:
-        state = json.load(f)
+        name = f.read().strip()
+    folder = os.path.join(directory, name)
+    fix = (f"restore that checkpoint folder, or delete {pointer} (and the step_* folders) "
+           "to start from step 0, or use a new checkpoint directory")
+    missing = [part for part in ("state.json", "state.safetensors")
+               if not os.path.isfile(os.path.join(folder, part))]
+    if not name.startswith("step_") or missing:
+        raise ValueError(
+            f"The checkpoint pointer {pointer} names {name!r}, but "
+            f"{os.path.join(folder, missing[0]) if missing else folder} is not a checkpoint "
+            f"({fix})."
+        )
+    try:
+        with open(os.path.join(folder, "state.json")) as f:
+            state = json.load(f)
+        int(state["step"]), state["config"], state["history"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"The checkpoint {folder} is damaged (state.json: {error}) ({fix})."
+        ) from error
+    return folder, state
+
+
+def checkpoint_step(directory):
+    """The step of the newest checkpoint in `directory`, or None if it holds none."""
+    if not directory or not os.path.isdir(directory):
+        return None
+    found = _read_state(directory)
+    return None if found is None else int(found[1]["step"])
+
+
+def load_checkpoint(model, directory):
+    """Restore the newest checkpoint into `model` (compiled); returns its state or None."""
+    found = _read_state(directory)
+    if found is None:
+        return None
+    folder, state = found
     student = trained_model(model)
     if state["config"] != student.config.to_dict():
         raise ValueError(
@@ -95,6 +130,53 @@ def _numpy(variable):
     return np.asarray(keras.ops.convert_to_numpy(variable.value))
 
 
+# ---- output paths -------------------------------------------------------------------
+def check_writable_directory(path, what):
+    """Fail now, not after training, if `path` cannot be (created as) a directory we write in.
+
+    Writability is probed by creating and removing a file (permission bits
+    say nothing for root, nor for read-only mounts or full disks); nothing
+    is created when the directory does not exist yet: its nearest existing
+    ancestor is probed instead.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{what} {path} is a file, not a folder (pass a folder path).")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(
+            f"{what} {path} cannot be created: {existing} is a file, not a folder "
+            "(choose a path under a folder)."
+        )
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".keras_gemma2-write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as error:
+        raise ValueError(
+            f"{what} {path} is not writable: cannot create files in {existing} "
+            f"({error.strerror or error}; choose a writable location)."
+        ) from error
+    return path
+
+
+def check_writable_file(path, what):
+    """Fail now if the file `path` cannot be written later (its folder probed as above)."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path} is a folder (pass a file path).")
+    parent = os.path.dirname(path)
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise ValueError(
+            f"{what} {path} cannot be written: {parent} is a file, not a folder "
+            "(choose a path under a folder)."
+        )
+    check_writable_directory(parent, f"{what}'s folder")
+    return path
+
+
 # ---- evaluation ---------------------------------------------------------------------
 def perplexity(causal_lm, batches):
     """exp(mean next-token negative log-likelihood) over real tokens."""
@@ -120,6 +202,7 @@ def train(
     eval_every=None,
     seed=0,
     log=None,
+    stop_requested=None,
 ):
     """Train `model` (compiled) for `steps` steps; resume from `checkpoint_dir` if possible.
 
@@ -127,18 +210,53 @@ def train(
     of the step) or a callable `step -> batch dict` (e.g. an offline
     distillation store).
 
+    `steps` is the total: a resumed run continues up to it. Held-out
+    perplexity is measured every `eval_every` steps and at the last step
+    (only at the last one when `eval_every` is None).
+
+    Every argument, the data length and the checkpoint directory (writable,
+    its checkpoint not beyond `steps`) are checked before the first step.
+
+    `stop_requested`: a callable checked after every step (the command line's
+    Ctrl-C); when it returns True the run checkpoints the finished steps (if
+    `checkpoint_dir`) and raises TrainingStopped.
+
     Returns the history: a list of {"step", "loss", "tokens_per_second"} and
     {"step", "eval_perplexity"} records.
     """
     log = log or sys.stdout
     student = trained_model(model)
+    _check_count("steps", steps)
+    _check_count("batch_size", batch_size)
+    _check_count("sequence_length", sequence_length, minimum=2)
+    _check_count("checkpoint_every", checkpoint_every)
+    if eval_every is not None:
+        _check_count("eval_every", eval_every)
+    _check_count("seed", seed, minimum=0)
+    if getattr(model, "optimizer", None) is None:
+        raise ValueError("The model is not compiled; call model.compile(optimizer=...) before train().")
     if sequence_length > student.config.max_sequence_length:
         raise ValueError(
             f"sequence length {sequence_length} exceeds the model's max_sequence_length "
             f"{student.config.max_sequence_length}."
         )
+    if callable(batches):
+        _check_store_shape(batches, batch_size, sequence_length)
+    elif len(batches) <= sequence_length:
+        raise ValueError(
+            f"The data has {len(batches)} tokens, fewer than one sequence of {sequence_length}; "
+            "add data or lower the sequence length."
+        )
     history, start = [], 0
     if checkpoint_dir:
+        check_writable_directory(checkpoint_dir, "checkpoint_dir")
+        saved = checkpoint_step(checkpoint_dir)
+        if saved is not None and saved > steps:
+            raise ValueError(
+                f"checkpoint_dir {checkpoint_dir} holds a checkpoint at step {saved}, beyond "
+                f"steps={steps} (steps is the total; pass steps >= {saved} to continue it, or use "
+                "a new checkpoint directory)."
+            )
         os.makedirs(checkpoint_dir, exist_ok=True)
         state = load_checkpoint(model, checkpoint_dir)
         if state is not None:
@@ -155,14 +273,51 @@ def train(
         rate = tokens / max(time.time() - began, 1e-9)
         history.append({"step": step + 1, "loss": float(loss), "tokens_per_second": rate})
         _progress(step + 1, steps, float(loss), rate, log)
-        if eval_batches and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
+        if eval_batches and ((eval_every and (step + 1) % eval_every == 0) or step + 1 == steps):
             value = perplexity(student, eval_batches)
             history.append({"step": step + 1, "eval_perplexity": value})
             print(f"\nstep {step + 1}: held-out perplexity {value:.3f}", file=log, flush=True)
-        if checkpoint_dir and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+        stopping = stop_requested is not None and stop_requested() and step + 1 < steps
+        if checkpoint_dir and ((step + 1) % checkpoint_every == 0 or step + 1 == steps or stopping):
             save_checkpoint(model, checkpoint_dir, step + 1, history)
+        if stopping:
+            print(file=log, flush=True)
+            raise TrainingStopped(step + 1, steps, history, checkpoint_dir)
     print(file=log, flush=True)
     return history
+
+
+class TrainingStopped(Exception):
+    """Training stopped on request after `step` of `steps` (checkpointed in `checkpoint_dir`, if any)."""
+
+    def __init__(self, step, steps, history, checkpoint_dir):
+        where = f"; checkpoint saved in {checkpoint_dir}" if checkpoint_dir else ""
+        super().__init__(f"training stopped after step {step} of {steps}{where}")
+        self.step, self.steps, self.history, self.checkpoint_dir = step, steps, history, checkpoint_dir
+
+
+def _check_count(name, value, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(
+            f"{name} must be an integer >= {minimum}, got {value!r} (pass e.g. {name}={max(minimum, 1) * 8})."
+        )
+
+
+def _check_store_shape(batches, batch_size, sequence_length):
+    """A store (anything with a `manifest`) must hold batches of the shape asked for."""
+    manifest = getattr(batches, "manifest", None)
+    if not isinstance(manifest, dict):
+        return
+    stored = {"batch_size": manifest.get("batch_size"), "sequence_length": manifest.get("sequence_length")}
+    asked = {"batch_size": batch_size, "sequence_length": sequence_length}
+    if stored != asked:
+        raise ValueError(
+            "The teacher store holds batches of "
+            + ", ".join(f"{k}={stored[k]}" for k in stored)
+            + " but training asks for "
+            + ", ".join(f"{k}={asked[k]}" for k in asked)
+            + " (pass the store's values, or build a new store)."
+        )
 
 
 def _progress(step, steps, loss, rate, log):

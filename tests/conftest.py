@@ -23,3 +23,58 @@ def sentencepiece_path(tmp_path_factory):
     from helpers import train_test_sentencepiece
 
     return train_test_sentencepiece(tmp_path_factory.mktemp("sentencepiece"))
+
+
+@pytest.fixture
+def read_only_dir(monkeypatch):
+    """A directory nothing can be written into, even by root (tests run as root here and in CI).
+
+    Root ignores permission bits, so as root the folder is bind-mounted read-only (EROFS);
+    where mounting is not allowed, every write under it is made to fail with EROFS instead.
+    """
+    import errno
+    import os
+    import pathlib
+    import shutil
+    import subprocess
+    import tempfile
+
+    # Outside pytest's tmp_path: pytest may rename old tmp folders away while a mount is on one.
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="keras_gemma2-read-only-"))
+    (folder / "existing.txt").write_text("kept")
+    if os.geteuid() != 0:
+        os.chmod(folder, 0o500)
+        yield folder
+        os.chmod(folder, 0o700)
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    mounted = subprocess.run(
+        f"mount --bind '{folder}' '{folder}' && mount -o remount,ro,bind '{folder}'",
+        shell=True, capture_output=True,
+    ).returncode == 0
+    if mounted:
+        try:
+            yield folder
+        finally:
+            subprocess.run(["umount", str(folder)], capture_output=True)
+            shutil.rmtree(folder, ignore_errors=True)
+        return
+
+    inside = str(folder)
+
+    def refusing(function, path_of):
+        def wrapper(*args, **kwargs):
+            path = path_of(args, kwargs)
+            if path is not None and os.path.abspath(os.fspath(path)).startswith(inside):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    for module, name in ((os, "open"), (os, "mkdir"), (os, "makedirs")):
+        monkeypatch.setattr(module, name, refusing(getattr(module, name), lambda a, k: a[0]))
+    for name in ("mkstemp", "mkdtemp"):
+        monkeypatch.setattr(tempfile, name, refusing(getattr(tempfile, name), lambda a, k: k.get("dir")))
+    yield folder
+    monkeypatch.undo()
+    shutil.rmtree(folder, ignore_errors=True)

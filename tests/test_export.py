@@ -283,3 +283,55 @@ def test_cli_export_and_its_errors(tmp_path, capsys):
     assert Runner.load(str(path)).generate("def ", max_new_tokens=4)
     assert cli.main(["export", "--preset", "gemma2_demo", str(tmp_path / "x.tflite"), "--format", "onnx"]) == 2
     assert "Unknown export format" in capsys.readouterr().err
+
+
+_EXPORT_SCRIPT = """
+import sys, keras, keras_gemma2
+from helpers import randomize_weights
+from conftest import TINY
+keras.utils.set_random_seed(0)
+model = randomize_weights(keras_gemma2.Gemma2CausalLM(keras_gemma2.Gemma2Backbone(TINY)))
+keras_gemma2.export(model, sys.argv[1], cache_length=16, prefill_lengths=(8,))
+"""
+
+
+def _processes_naming(text):
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def test_a_killed_export_leaves_no_staging_behind(tiny_model, tmp_path):
+    """Killed mid-export: its hidden staging (a full float copy, ~10 GB for the 2B) is removed by
+    the next export, and no orphaned child goes on converting."""
+    import signal
+    import subprocess
+    import time
+
+    from keras_gemma2.export import STAGING_PREFIX
+
+    killed = tmp_path / "killed.tflite"
+    here = os.path.dirname(os.path.abspath(__file__))
+    process = subprocess.Popen([sys.executable, "-c", _EXPORT_SCRIPT, str(killed)], cwd=here,
+                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    deadline = time.time() + 300
+    while not any(n.startswith(STAGING_PREFIX) for n in os.listdir(tmp_path)):
+        assert process.poll() is None and time.time() < deadline, "the export never staged anything"
+        time.sleep(0.05)
+    time.sleep(1.0)  # into the export's work (the child process starts, on jax and torch)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert [n for n in os.listdir(tmp_path) if n.startswith(STAGING_PREFIX)]  # what a kill leaves
+    deadline = time.time() + 30
+    while _processes_naming(str(killed)):  # a child exporter dies with its parent
+        assert time.time() < deadline, "the export's child process outlived it"
+        time.sleep(0.2)
+
+    keras_gemma2.export(tiny_model, tmp_path / "m.tflite", cache_length=16, prefill_lengths=(8,))
+    assert sorted(os.listdir(tmp_path)) == ["m.json", "m.tflite"]

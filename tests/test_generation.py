@@ -270,7 +270,7 @@ def test_chat_uses_the_template_and_stops_at_end_of_turn(text_model):
         ([[1, 2]], {"sampler": "top_p", "top_p": 0.0}, r"top_p must be in \(0, 1\]"),
         ([[1, 2]], {"sampler": "top_k", "top_k": 0}, "top_k must be a positive integer"),
         ([[1, 2]], {"sampler": "nucleus"}, "Unknown sampler 'nucleus'"),
-        ([[1, 2]], {"stop_token_ids": [500]}, r"Stop token ids \[500\] lie outside the vocabulary"),
+        ([[1, 2]], {"stop_token_ids": [500]}, r"stop_token_ids \[500\] lie outside the vocabulary"),
         ([[1, 2], "text"], {}, "all strings or all token-id lists"),
         (["text", [1, 2]], {}, "all strings or all token-id lists"),
         ([[1, 200]], {}, r"Prompt token ids must lie in \[0, 128\)"),

@@ -64,3 +64,60 @@ def test_lora_bad_inputs(tmp_path):
         model.enable_lora(2)
     with pytest.raises(ValueError, match=r"saved as \.safetensors"):
         model.save_lora_weights(str(tmp_path / "a.h5"))
+
+
+def test_save_to_preset_refuses_unmerged_adapters(tmp_path):
+    model, x = model_and_data()
+    model.enable_lora(rank=2)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    model.fit(x, batch_size=4, epochs=2, verbose=0)
+    with pytest.raises(ValueError, match=r"unmerged LoRA adapters.*merge_lora\(\).*save_lora_weights"):
+        model.save_to_preset(str(tmp_path / "preset"))
+    assert not (tmp_path / "preset").exists()
+    # The suggested fix keeps the trained model.
+    merged = model.merge_lora()
+    merged.save_to_preset(str(tmp_path / "preset"))
+    reloaded = Gemma2CausalLM.from_preset(str(tmp_path / "preset"))
+    np.testing.assert_allclose(logits(reloaded, x), logits(model, x), atol=1e-4)
+
+
+def test_a_failed_load_lora_weights_leaves_the_model_as_it_was(tmp_path):
+    other = randomize_weights(Gemma2CausalLM(Gemma2Backbone(TINY.replace(num_layers=2))))
+    other.enable_lora(rank=2, target_layers=("query", "up"))
+    path = str(tmp_path / "other.safetensors")
+    other.save_lora_weights(path)
+    model, x = model_and_data()
+    before = logits(model, x)
+    trainable = [v.path for v in model.trainable_weights]
+    with pytest.raises(ValueError, match="other layers than this model's"):
+        model.load_lora_weights(path)
+    assert not any(getattr(layer, "lora_enabled", False) for layer in model.backbone._flatten_layers())
+    assert [v.path for v in model.trainable_weights] == trainable  # nothing frozen
+    np.testing.assert_allclose(logits(model, x), before)
+    model.enable_lora(rank=3)  # and LoRA can still be enabled as usual
+
+
+def test_a_load_with_the_wrong_rank_leaves_existing_adapters(tmp_path):
+    source, x = model_and_data(seed=1)
+    source.enable_lora(rank=4)
+    path = str(tmp_path / "rank4.safetensors")
+    source.save_lora_weights(path)
+    model, _ = model_and_data()
+    model.enable_lora(rank=2)
+    adapters = {v.path: keras.ops.convert_to_numpy(v.value) for v in model.trainable_weights}
+    with pytest.raises(ValueError, match="has shape"):
+        model.load_lora_weights(path)
+    for variable in model.trainable_weights:
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable.value), adapters[variable.path])
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_enable_lora_refuses_a_quantized_model(mode):
+    model, x = model_and_data()
+    model.quantize(mode)
+    before = logits(model, x)
+    with pytest.raises(ValueError, match=f"quantized \\({mode}\\).*merge_lora\\(\\), then quantize"):
+        model.enable_lora(rank=2)
+    assert not model.backbone.decoder_blocks[0].attention.query.lora_enabled
+    np.testing.assert_allclose(logits(model, x), before)
+    model.generate([[3, 4, 5]], max_new_tokens=2)  # still generates

@@ -69,3 +69,33 @@ def test_different_architectures_are_refused(checkpoints, tmp_path):
         average_checkpoints(paths[:2], weights=[1])
     with pytest.raises(ValueError, match="non-negative"):
         average_checkpoints(paths[:2], weights=[1, -1])
+
+
+@pytest.mark.parametrize("weights, error, message", [
+    ("1,3", TypeError, r"weights must be a list of numbers, one per preset, got '1,3'"),
+    (["1", "3"], TypeError, r"weights must be numbers, got '1' \(a str\)"),
+    ([1, True], TypeError, r"weights must be numbers, got True"),
+    ([1, float("nan")], ValueError, r"Merge weights must be finite and non-negative"),
+    ([1, float("inf")], ValueError, r"Merge weights must be finite"),
+    ([0, 0], ValueError, r"with a positive sum"),
+    ([1, 2, 3], ValueError, r"Got 3 weights for 2 checkpoints \(pass one weight per preset\)"),
+])
+def test_bad_merge_weights_name_the_argument(checkpoints, weights, error, message):
+    paths, _ = checkpoints
+    with pytest.raises(error, match=message):
+        average_checkpoints(paths[:2], weights=weights)
+
+
+def test_bad_presets_and_alpha_name_the_argument(checkpoints):
+    paths, _ = checkpoints
+    with pytest.raises(TypeError, match=r"presets must be a list of presets, got the single str"):
+        average_checkpoints(paths[0])
+    for alpha in (float("nan"), float("inf"), "0.5", None, True):
+        with pytest.raises(ValueError, match=r"alpha must be a finite number, got"):
+            interpolate(paths[1], paths[0], alpha=alpha)
+    # Outside [0, 1] extrapolates (allowed): base + 1.5 * (preset - base).
+    weights = merged_weights(interpolate(paths[1], paths[0], alpha=1.5))
+    reference = merged_weights(interpolate(paths[1], paths[0], alpha=1.0))
+    base = merged_weights(interpolate(paths[1], paths[0], alpha=0.0))
+    for path, value in weights.items():
+        np.testing.assert_allclose(value, base[path] + 1.5 * (reference[path] - base[path]), atol=1e-5)

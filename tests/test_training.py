@@ -53,6 +53,8 @@ def test_bad_data_files(tmp_path):
         data.read_texts([str(tmp_path / "binary.txt")])
     with pytest.raises(ValueError, match="No data files"):
         data.read_texts([])
+    with pytest.raises(ValueError, match="is a folder; pass the text files in it"):
+        data.read_texts([str(tmp_path)])
 
 
 def test_batches_are_a_function_of_the_step(sentencepiece_path):
@@ -194,3 +196,112 @@ def test_offline_distill_command(sentencepiece_path, text_files, tmp_path):
     assert sorted(f for f in os.listdir(store) if f.startswith("batch_")) == [
         "batch_0000000.safetensors", "batch_0000001.safetensors", "batch_0000002.safetensors"
     ]
+
+
+# ---- argument checks (before the first step) --------------------------------------------
+BAD_TRAIN_ARGUMENTS = [
+    ({"steps": 0}, "steps must be an integer >= 1, got 0"),
+    ({"steps": -3}, "steps must be an integer >= 1, got -3"),
+    ({"steps": 2.5}, "steps must be an integer >= 1, got 2.5"),
+    ({"steps": True}, "steps must be an integer >= 1, got True"),
+    ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+    ({"sequence_length": 0}, "sequence_length must be an integer >= 2, got 0"),
+    ({"sequence_length": 1}, "sequence_length must be an integer >= 2, got 1"),
+    ({"checkpoint_every": 0}, "checkpoint_every must be an integer >= 1, got 0"),
+    ({"eval_every": 0}, "eval_every must be an integer >= 1, got 0"),
+    ({"seed": -1}, "seed must be an integer >= 0, got -1"),
+]
+
+
+@pytest.mark.parametrize("change, message", BAD_TRAIN_ARGUMENTS)
+def test_train_arguments_are_checked_before_the_first_step(change, message, sentencepiece_path, tmp_path):
+    model = compiled_model(sentencepiece_path)
+    before = weights(model)
+    arguments = dict(steps=2, batch_size=2, sequence_length=8, checkpoint_dir=str(tmp_path / "ck"),
+                     checkpoint_every=1, eval_every=None, seed=0)
+    arguments.update(change)
+    with pytest.raises(ValueError, match=message):
+        training.train(model, np.arange(500) % 128, log=open(os.devnull, "w"), **arguments)
+    assert not (tmp_path / "ck").exists()
+    for path, value in weights(model).items():
+        np.testing.assert_array_equal(value, before[path])
+
+
+def test_uncompiled_model_and_short_data_are_refused(sentencepiece_path):
+    model = Gemma2CausalLM(Gemma2Backbone(TINY))
+    with pytest.raises(ValueError, match="not compiled; call model.compile"):
+        training.train(model, np.arange(500) % 128, steps=1, batch_size=2, sequence_length=8)
+    with pytest.raises(ValueError, match="The data has 8 tokens, fewer than one sequence of 8"):
+        training.train(compiled_model(sentencepiece_path), np.arange(8), steps=1, batch_size=2,
+                       sequence_length=8)
+
+
+def test_unwritable_checkpoint_dir_is_refused_before_the_first_step(sentencepiece_path, tmp_path,
+                                                                    monkeypatch):
+    import tempfile
+
+    model = compiled_model(sentencepiece_path)
+    stream = np.arange(500) % 128
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="checkpoint_dir .* is a file, not a folder"):
+        training.train(model, stream, steps=1, batch_size=2, sequence_length=8, checkpoint_dir=str(blocker))
+    with pytest.raises(ValueError, match="cannot be created: .* is a file, not a folder"):
+        training.train(model, stream, steps=1, batch_size=2, sequence_length=8,
+                       checkpoint_dir=str(blocker / "ck"))
+    # Read-only mount or full disk (root ignores permission bits: the failure is injected where
+    # the writability probe creates its file, which is what a real read-only folder refuses).
+    real_mkstemp = tempfile.mkstemp
+
+    def read_only(*args, dir=None, **kwargs):
+        if dir is not None and os.path.abspath(dir) == str(tmp_path / "ro"):
+            raise OSError(30, "Read-only file system")
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(model, "train_on_batch", lambda *a, **k: pytest.fail("a step was taken"))
+    with pytest.raises(ValueError, match="checkpoint_dir .*ro is not writable.*Read-only file system"):
+        training.train(model, stream, steps=1, batch_size=2, sequence_length=8,
+                       checkpoint_dir=str(tmp_path / "ro"))
+
+
+def test_resume_beyond_steps_and_broken_checkpoints_are_clear_errors(sentencepiece_path, tmp_path):
+    stream = data.token_stream(Gemma2Tokenizer(sentencepiece_path), [TEXT])
+    directory = str(tmp_path / "ckpt")
+    quiet = open(os.devnull, "w")
+    training.train(compiled_model(sentencepiece_path), stream, steps=3, batch_size=2, sequence_length=8,
+                   checkpoint_dir=directory, checkpoint_every=1, log=quiet)
+    model = compiled_model(sentencepiece_path, seed=1)
+    before = weights(model)
+    with pytest.raises(ValueError, match=r"checkpoint at step 3, beyond steps=2 .*pass steps >= 3"):
+        training.train(model, stream, steps=2, batch_size=2, sequence_length=8,
+                       checkpoint_dir=directory, log=quiet)
+    for path, value in weights(model).items():  # nothing was loaded into the model
+        np.testing.assert_array_equal(value, before[path])
+    # steps equal to the saved step: nothing left to do, not an error.
+    history = training.train(model, stream, steps=3, batch_size=2, sequence_length=8,
+                             checkpoint_dir=directory, log=quiet)
+    assert [r["step"] for r in history if "loss" in r] == [1, 2, 3]
+
+    pointer = os.path.join(directory, "latest")
+    with open(pointer, "w") as f:
+        f.write("step_0000042")
+    with pytest.raises(ValueError, match=r"pointer .*latest names 'step_0000042', but .*step_0000042"
+                                         r".*state.json is not a checkpoint .*delete .*latest"):
+        training.train(model, stream, steps=50, batch_size=2, sequence_length=8,
+                       checkpoint_dir=directory, log=quiet)
+    with open(pointer, "w") as f:
+        f.write("step_0000003")
+    with open(os.path.join(directory, "step_0000003", "state.json"), "w") as f:
+        f.write('{"step": 3, "conf')
+    with pytest.raises(ValueError, match=r"checkpoint .*step_0000003 is damaged"):
+        training.load_checkpoint(model, directory)
+
+
+def test_eval_batches_without_eval_every_are_evaluated_at_the_end(sentencepiece_path):
+    stream = data.token_stream(Gemma2Tokenizer(sentencepiece_path), [TEXT])
+    eval_batches = data.evaluation_batches(stream[:100], 2, 8, max_batches=1)
+    history = training.train(compiled_model(sentencepiece_path), stream, steps=2, batch_size=2,
+                             sequence_length=8, eval_batches=eval_batches, log=open(os.devnull, "w"))
+    assert [r["step"] for r in history if "eval_perplexity" in r] == [2]

@@ -10,18 +10,20 @@ A preset is a registered name (resolved to its download handles), a
   sharded, assets/tokenizer/vocabulary.spm) as downloaded from Kaggle.
 """
 
+import dataclasses
 import json
 import os
 import shutil
-import tempfile
 
 import numpy as np
 
-from keras_gemma2 import layers, preset_registry
+from keras_gemma2 import files, layers, preset_registry
 from keras_gemma2.checkpoints import hf, safetensors_io
 from keras_gemma2.config import Gemma2Config
 
 OUR_CONFIG_FILE = "keras_gemma2.json"
+# Hidden folder beside a preset while save_preset writes it (files.staging_directory).
+STAGING_PREFIX = ".keras_gemma2-preset-"
 HF_TOKENIZER_FILE = "tokenizer.model"
 KERASHUB_TOKENIZER_FILE = os.path.join("assets", "tokenizer", "vocabulary.spm")
 
@@ -84,12 +86,12 @@ def read_checkpoint(directory):
         tokenizer = os.path.join(directory, KERASHUB_TOKENIZER_FILE)
         return config, tensors, tokenizer if os.path.exists(tokenizer) else None
 
+    # config.json is the one source of truth (transformers reads it too); keras_gemma2.json,
+    # written beside it by save_to_preset, must agree, so one folder never holds two models.
+    config = hf.config_from_hf(hf.read_hf_config(directory), os.path.join(directory, "config.json"))
     ours = os.path.join(directory, OUR_CONFIG_FILE)
     if os.path.exists(ours):
-        with open(ours) as f:
-            config = Gemma2Config.from_dict(json.load(f)["config"])
-    else:
-        config = hf.config_from_hf(hf.read_hf_config(directory), os.path.join(directory, "config.json"))
+        _check_same_config(config, _read_our_config(ours), directory)
     checkpoint = safetensors_io.SafetensorsCheckpoint(directory)
     tensors = {}
     for keras_path, hf_name in hf.weight_layout(config):
@@ -101,6 +103,44 @@ def read_checkpoint(directory):
         tensors[keras_path] = _lazy(checkpoint, hf_name)
     tokenizer = os.path.join(directory, HF_TOKENIZER_FILE)
     return config, tensors, tokenizer if os.path.exists(tokenizer) else None
+
+
+def _read_our_config(path):
+    """The Gemma2Config fields recorded in keras_gemma2.json, or an error naming what is wrong."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}.") from error
+    if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+        raise ValueError(
+            f"{path} has no 'config' object (the Gemma2Config save_to_preset records). "
+            f"Delete {OUR_CONFIG_FILE} to load the folder from config.json alone."
+        )
+    try:
+        Gemma2Config.from_dict(data["config"])  # complete and valid
+        return data["config"]
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"{path}: {error} Fix the file, or delete {OUR_CONFIG_FILE} to load the folder "
+            "from config.json alone."
+        ) from error
+
+
+def _check_same_config(hf_config, recorded, directory):
+    """Refuse a folder whose two config files describe different models."""
+    differ = [
+        f"{name}: config.json {getattr(hf_config, name)!r} vs {OUR_CONFIG_FILE} {value!r}"
+        for name, value in recorded.items()
+        if getattr(hf_config, name) != value
+    ]
+    if differ:
+        raise ValueError(
+            f"{directory}: config.json and {OUR_CONFIG_FILE} describe different models ("
+            + "; ".join(differ)
+            + "). transformers reads config.json, so this library does too: make the two agree, "
+            f"or delete {OUR_CONFIG_FILE} to use config.json."
+        )
 
 
 def _lazy(checkpoint, name):
@@ -138,6 +178,7 @@ def _build_backbone(preset, dtype, load_weights, config_overrides):
     from keras_gemma2.backbone import Gemma2Backbone, resolve_dtype_policy
 
     policy = resolve_dtype_policy(dtype)  # a bad dtype fails before any download
+    _check_load_options(load_weights, config_overrides)
     entry = preset_registry.get(preset) if preset in preset_registry.names() else None
     if entry is not None and (not load_weights or not (entry.get("handles") or entry.get("local"))):
         config = Gemma2Config.from_dict(entry["config"]).replace(**config_overrides)
@@ -150,6 +191,19 @@ def _build_backbone(preset, dtype, load_weights, config_overrides):
         backbone = Gemma2Backbone(config.replace(**config_overrides), dtype=policy)
     assign_weights(backbone, tensors)
     return backbone, directory
+
+
+def _check_load_options(load_weights, config_overrides):
+    """Unknown keywords would otherwise reach dataclasses.replace as a bare TypeError."""
+    fields = [f.name for f in dataclasses.fields(Gemma2Config)]
+    unknown = sorted(set(config_overrides) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"Unknown from_preset argument(s) {unknown}. Valid ones: dtype, load_weights, and "
+            f"these Gemma2Config fields to override: {', '.join(fields)}."
+        )
+    if not isinstance(load_weights, (bool, np.bool_)):
+        raise ValueError(f"load_weights must be True or False, got {load_weights!r}.")
 
 
 def load_backbone(preset, dtype=None, load_weights=True, **config_overrides):
@@ -202,6 +256,13 @@ def save_preset(backbone, preset_dir, tokenizer=None, max_shard_size="4GB"):
             "that with keras.saving.load_model, or save the float model to a preset and "
             "quantize after loading."
         )
+    if layers.adapted_layers(backbone):
+        raise ValueError(
+            "This model has unmerged LoRA adapters, which a preset does not hold: saving would "
+            "write only the base weights. Call `model = model.merge_lora()` and save that, or "
+            "keep the adapters beside the preset with `model.save_lora_weights('adapters.safetensors')`."
+        )
+    safetensors_io.parse_size(max_shard_size)  # a bad size fails before anything is written
     preset_dir = os.path.abspath(os.fspath(preset_dir))
     if os.path.exists(preset_dir) and (not os.path.isdir(preset_dir) or os.listdir(preset_dir)):
         raise FileExistsError(
@@ -211,7 +272,7 @@ def save_preset(backbone, preset_dir, tokenizer=None, max_shard_size="4GB"):
     parent = os.path.dirname(preset_dir)
     try:
         os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".partial-", dir=parent)
+        staging = files.staging_directory(parent, STAGING_PREFIX)
     except OSError as error:
         raise PermissionError(
             f"Cannot write a preset under {parent}: {error.strerror or error}. "

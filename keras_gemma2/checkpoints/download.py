@@ -1,9 +1,35 @@
 """Fetching `kaggle://` and `hf://` handles (kagglehub / huggingface_hub show progress)."""
 
+import os
 
 
 class DownloadError(RuntimeError):
     pass
+
+
+def _cache_roots():
+    """kagglehub's and huggingface_hub's download caches (their defaults and variables)."""
+    home = os.path.expanduser("~")
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
+    hf_home = os.environ.get("HF_HOME") or os.path.join(cache, "huggingface")
+    return [
+        os.environ.get("KAGGLEHUB_CACHE") or os.path.join(cache, "kagglehub"),
+        os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+        or os.path.join(hf_home, "hub"),
+    ]
+
+
+def in_download_cache(path):
+    """Whether `path` lies in a download cache, where downloading again is the fix for a bad file.
+
+    A folder the user made or saved cannot be downloaded again.
+    """
+    path = os.path.realpath(path)
+    for root in _cache_roots():
+        root = os.path.realpath(root)
+        if path == root or path.startswith(root + os.sep):
+            return True
+    return False
 
 
 def fetch(handle):

@@ -17,6 +17,9 @@ OTHER_MODEL_TYPES_HINT = {
     "recurrent_gemma": "RecurrentGemma",
     "llama": "Llama",
 }
+REQUIRED_HF_FIELDS = (
+    "vocab_size", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+)
 
 
 def config_from_hf(hf_config, source="config.json"):
@@ -37,25 +40,34 @@ def config_from_hf(hf_config, source="config.json"):
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
         if key in hf_config and hf_config[key] is None:
             raise ValueError(f"{source} disables {key}; Gemma 2 always soft-caps.")
+    missing = [key for key in REQUIRED_HF_FIELDS if hf_config.get(key) is None]
+    if missing:
+        raise ValueError(
+            f"{source} lacks field(s) {missing} that a transformers Gemma 2 config needs; the "
+            "file is incomplete. Restore it from the checkpoint's source."
+        )
     hidden = hf_config["hidden_size"]
     heads = hf_config["num_attention_heads"]
-    head_dim = hf_config.get("head_dim") or hidden // heads
-    return Gemma2Config(
-        vocabulary_size=hf_config["vocab_size"],
-        num_layers=hf_config["num_hidden_layers"],
-        hidden_dim=hidden,
-        intermediate_dim=hf_config["intermediate_size"],
-        num_query_heads=heads,
-        num_key_value_heads=hf_config.get("num_key_value_heads", heads),
-        head_dim=head_dim,
-        query_pre_attn_scalar=hf_config.get("query_pre_attn_scalar", head_dim),
-        sliding_window_size=hf_config.get("sliding_window") or 4096,
-        attention_logit_soft_cap=hf_config.get("attn_logit_softcapping", 50.0),
-        final_logit_soft_cap=hf_config.get("final_logit_softcapping", 30.0),
-        rope_max_wavelength=hf_config.get("rope_theta", 10000.0),
-        layer_norm_epsilon=hf_config.get("rms_norm_eps", 1e-6),
-        max_sequence_length=hf_config.get("max_position_embeddings", 8192),
-    )
+    try:  # a wrong type (e.g. a string) would otherwise fail inside Gemma2Config or below
+        head_dim = hf_config.get("head_dim") or hidden // heads
+        return Gemma2Config(
+            vocabulary_size=hf_config["vocab_size"],
+            num_layers=hf_config["num_hidden_layers"],
+            hidden_dim=hidden,
+            intermediate_dim=hf_config["intermediate_size"],
+            num_query_heads=heads,
+            num_key_value_heads=hf_config.get("num_key_value_heads", heads),
+            head_dim=head_dim,
+            query_pre_attn_scalar=hf_config.get("query_pre_attn_scalar", head_dim),
+            sliding_window_size=hf_config.get("sliding_window") or 4096,
+            attention_logit_soft_cap=hf_config.get("attn_logit_softcapping", 50.0),
+            final_logit_soft_cap=hf_config.get("final_logit_softcapping", 30.0),
+            rope_max_wavelength=hf_config.get("rope_theta", 10000.0),
+            layer_norm_epsilon=hf_config.get("rms_norm_eps", 1e-6),
+            max_sequence_length=hf_config.get("max_position_embeddings", 8192),
+        )
+    except (TypeError, ValueError, ZeroDivisionError) as error:
+        raise ValueError(f"{source}: {error}") from error
 
 
 def config_to_hf(config, torch_dtype="float32", special_ids=None):

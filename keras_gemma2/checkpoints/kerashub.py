@@ -18,6 +18,7 @@ import os
 
 import numpy as np
 
+from keras_gemma2.checkpoints.safetensors_io import CorruptFileError, repair_hint
 from keras_gemma2.config import Gemma2Config
 
 CONFIG_FILE = "config.json"
@@ -39,7 +40,13 @@ _OTHER_BACKBONES = {
     "MistralBackbone": "Mistral",
 }
 
-_REDOWNLOAD = "The file is truncated or corrupt; delete it and download the preset again."
+
+def _not_weights(path, error, what=""):
+    """The error for an h5 file h5py cannot read: which file, what is wrong, the fix."""
+    return CorruptFileError(
+        f"{path} is not a valid KerasHub weights file{what} (truncated or corrupt: {error}). "
+        + repair_hint(path)
+    )
 
 
 # ---- config ------------------------------------------------------------------
@@ -160,8 +167,8 @@ def weight_files(directory):
     if not os.path.isfile(index_path):
         raise FileNotFoundError(
             f"KerasHub preset {directory} has no weights: expected {WEIGHTS_FILE} or the sharded "
-            f"{SHARDED_WEIGHTS_INDEX} with its model_NNNNN.weights.h5 files. The download is "
-            "incomplete; download the preset again."
+            f"{SHARDED_WEIGHTS_INDEX} with its model_NNNNN.weights.h5 files. "
+            + repair_hint(single, missing=True)
         )
     try:
         with open(index_path, encoding="utf-8") as f:
@@ -172,17 +179,17 @@ def weight_files(directory):
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(
             f"{index_path} is not a valid Keras sharded-weights index (a JSON object with a "
-            f"'weight_map'): {error}. Download the preset again."
+            f"'weight_map'): {error}. " + repair_hint(index_path)
         ) from error
     paths = [os.path.join(directory, name) for name in sorted(names)]
     missing = [name for name, path in zip(sorted(names), paths) if not os.path.isfile(path)]
     if missing:
         raise FileNotFoundError(
             f"KerasHub preset {directory} is missing weight shard(s) {missing} listed in "
-            f"{SHARDED_WEIGHTS_INDEX}. The download is incomplete; download the preset again."
+            f"{SHARDED_WEIGHTS_INDEX}. " + repair_hint(index_path, missing=True)
         )
     if not paths:
-        raise ValueError(f"{index_path} lists no weight files. Download the preset again.")
+        raise ValueError(f"{index_path} lists no weight files. " + repair_hint(index_path))
     return paths
 
 
@@ -192,7 +199,7 @@ def _open(path):
     try:
         return h5py.File(path, "r")
     except OSError as error:
-        raise OSError(f"Cannot read weights file {path}: {error}. {_REDOWNLOAD}") from error
+        raise _not_weights(path, error) from error
 
 
 def index_datasets(paths):
@@ -211,7 +218,7 @@ def index_datasets(paths):
             try:
                 f.visititems(visit)
             except (OSError, RuntimeError, KeyError) as error:
-                raise OSError(f"Cannot read weights file {path}: {error}. {_REDOWNLOAD}") from error
+                raise _not_weights(path, error) from error
         for name, shape in entries.items():
             found.setdefault(name, (path, shape))
     return found
@@ -313,9 +320,7 @@ def _lazy(path, name, shape, transform):
             try:
                 array = _read_dataset(f[name])
             except (OSError, KeyError, RuntimeError) as error:
-                raise OSError(
-                    f"Cannot read {name!r} from weights file {path}: {error}. {_REDOWNLOAD}"
-                ) from error
+                raise _not_weights(path, error, f" (reading {name!r})") from error
         return transform(array)
 
     load.source_name = name
@@ -357,8 +362,8 @@ def read_kerashub_preset(directory):
     if missing:
         raise ValueError(
             f"{where} lacks {len(missing)} weight(s) a Gemma 2 GemmaBackbone needs, e.g. "
-            f"{missing[:3]}. The file is not a complete GemmaBackbone checkpoint; download the "
-            "preset again."
+            f"{missing[:3]}. The file is not a complete GemmaBackbone checkpoint. "
+            + repair_hint(where)
         )
     tensors = {}
     for ours, name, transform, expected in layout:

@@ -11,6 +11,7 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from keras_gemma2.checkpoints.download import in_download_cache
 from keras_gemma2.files import atomic_write
 
 DTYPES = {
@@ -28,6 +29,19 @@ DTYPES = {
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
+class CorruptFileError(OSError, ValueError):
+    """A checkpoint file that is truncated or not in its format (an OSError and a ValueError)."""
+
+
+def repair_hint(path, missing=False):
+    """The fix for a bad or missing file: download again only where it was downloaded."""
+    if in_download_cache(path):
+        return "Delete the preset's folder from the download cache and download the preset again."
+    if missing:
+        return "Copy the missing file into the folder, or save the checkpoint again."
+    return "Replace it with a complete copy (it was probably cut short while being copied or saved)."
+
+
 class SafetensorsFile:
     """Lazy access to the tensors of one .safetensors file."""
 
@@ -37,29 +51,39 @@ class SafetensorsFile:
         with open(self.path, "rb") as f:
             prefix = f.read(8)
             if len(prefix) < 8:
-                raise ValueError(f"{self.path} is truncated: too short to be a safetensors file.")
+                self._corrupt("is truncated: too short to be a safetensors file.")
             (header_size,) = struct.unpack("<Q", prefix)
             if header_size > size - 8:
-                raise ValueError(
-                    f"{self.path} is truncated or corrupt: its header claims {header_size} bytes "
-                    f"but the file has {size}."
+                self._corrupt(
+                    f"is truncated or corrupt: its header claims {header_size} bytes but the "
+                    f"file has {size}."
                 )
             try:
                 header = json.loads(f.read(header_size))
-            except (UnicodeDecodeError, json.JSONDecodeError) as error:
-                raise ValueError(f"{self.path} is corrupt: unreadable safetensors header.") from error
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                self._corrupt("is corrupt: unreadable safetensors header.")
+        if not isinstance(header, dict):
+            self._corrupt("is corrupt: its safetensors header is not a JSON object.")
         self.metadata = header.pop("__metadata__", {}) or {}
         self._data_start = 8 + header_size
         self._entries = header
         for name, entry in header.items():
-            begin, end = entry["data_offsets"]
+            try:
+                if not {"dtype", "shape", "data_offsets"} <= set(entry):
+                    raise KeyError(name)
+                begin, end = (int(x) for x in entry["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                self._corrupt(f"is corrupt: the header entry of tensor {name!r} is malformed.")
             if self._data_start + end > size:
-                raise ValueError(
-                    f"{self.path} is truncated: tensor {name!r} ends at byte "
-                    f"{self._data_start + end} but the file has {size} bytes. Download it again."
+                self._corrupt(
+                    f"is truncated: tensor {name!r} ends at byte {self._data_start + end} but "
+                    f"the file has {size} bytes."
                 )
             if entry["dtype"] not in DTYPES:
                 raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {entry['dtype']}.")
+
+    def _corrupt(self, problem):
+        raise CorruptFileError(f"{self.path} {problem} {repair_hint(self.path)}") from None
 
     def keys(self):
         return list(self._entries)
@@ -73,7 +97,7 @@ class SafetensorsFile:
         begin, end = entry["data_offsets"]
         count = int(np.prod(entry["shape"], dtype=np.int64))
         if count * dtype.itemsize != end - begin:
-            raise ValueError(f"{self.path}: tensor {name!r} has a size that does not match its shape.")
+            self._corrupt(f"is corrupt: tensor {name!r} has a size that does not match its shape.")
         if count == 0:
             return np.zeros(entry["shape"], dtype)
         array = np.memmap(
@@ -108,14 +132,31 @@ def write_file(path, tensors, metadata=None):
 
 
 def parse_size(size):
-    """'4GB', '500MB', '10KB' or an int number of bytes."""
-    if isinstance(size, int):
-        return size
-    text = str(size).strip().upper()
-    for suffix, factor in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
-        if text.endswith(suffix):
-            return int(float(text[: -len(suffix)]) * factor)
-    return int(text)
+    """'4GB', '500MB', '10KB' or an int number of bytes; anything else is a clear error."""
+    problem = (
+        "max_shard_size must be a positive number of bytes or a size such as '4GB', '500MB' "
+        f"or '10KB', got {size!r}."
+    )
+    if isinstance(size, (int, np.integer)) and not isinstance(size, (bool, np.bool_)):
+        value = int(size)
+    elif isinstance(size, str):
+        text, factor = size.strip().upper(), 1
+        for suffix, scale in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+            if text.endswith(suffix):
+                text, factor = text[: -len(suffix)].strip(), scale
+                break
+        try:
+            number = float(text)
+        except ValueError:
+            raise ValueError(problem) from None
+        if not np.isfinite(number):
+            raise ValueError(problem)
+        value = int(number * factor)
+    else:
+        raise ValueError(problem)
+    if value < 1:
+        raise ValueError(problem)
+    return value
 
 
 def write_sharded(directory, tensors, shapes_and_sizes, max_shard_size, prefix="model"):
@@ -175,7 +216,7 @@ class SafetensorsCheckpoint:
                 if not os.path.exists(shard_path):
                     raise FileNotFoundError(
                         f"Shard {file_name} listed in {index_path} is missing. "
-                        "Download the checkpoint again or copy the missing file."
+                        + repair_hint(shard_path, missing=True)
                     )
                 files[file_name] = SafetensorsFile(shard_path)
             self._where = {name: files[file_name] for name, file_name in weight_map.items()}

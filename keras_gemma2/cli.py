@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from keras_gemma2 import cli_startup
+from keras_gemma2 import cli_startup, files
 from keras_gemma2.export import CACHE_LENGTH_TEXT, PREFILL_LENGTHS_TEXT, export_lengths
 from keras_gemma2.version import __version__
 
@@ -279,23 +279,19 @@ def _check_new_preset_path(path, option):
     """A preset is written only to a new (or empty) folder: fail now, not after the work."""
     import os
 
-    from keras_gemma2 import training
-
     path = os.path.abspath(path)
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
         raise ValueError(
             f"{option} {path} already exists and is not an empty folder (choose a new path or "
             "remove it; this is checked before any work so nothing is thrown away)"
         )
-    training.check_writable_directory(path, option)
+    files.check_writable_directory(path, option)
 
 
 def _check_output_paths(args):
     """Every path a train/distill run writes, checked before the first step."""
     import importlib.util
     import os
-
-    from keras_gemma2 import training
 
     folders = {}
     if args.out:
@@ -304,7 +300,7 @@ def _check_output_paths(args):
     for option, path in (("--checkpoint-dir", args.checkpoint_dir),
                          ("--offline-store", getattr(args, "offline_store", None))):
         if path:
-            folders[option] = training.check_writable_directory(path, option)
+            folders[option] = files.check_writable_directory(path, option)
     names = list(folders)
     for i, first in enumerate(names):
         for second in names[i + 1:]:
@@ -314,7 +310,7 @@ def _check_output_paths(args):
                     f"{first} {a} and {second} {b} overlap (give each its own folder)"
                 )
     if args.plot:
-        plot = training.check_writable_file(args.plot, "--plot")
+        plot = files.check_writable_file(args.plot, "--plot")
         for option, folder in folders.items():
             if plot == folder:
                 raise ValueError(f"--plot {plot} is also the {option} folder (choose another file)")

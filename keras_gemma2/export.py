@@ -29,7 +29,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import keras
@@ -38,7 +37,7 @@ import numpy as np
 from keras_gemma2 import kv_cache, litert_weights
 from keras_gemma2 import tokenizer as tokenizer_module
 from keras_gemma2.checkpoints.safetensors_io import write_json
-from keras_gemma2.files import staging_directory
+from keras_gemma2.files import probe_write, staging_directory
 
 FORMATS = ("litert", "saved_model")
 QUANTIZATIONS = (None, "int8", "int4")
@@ -205,9 +204,7 @@ def plan_export(model, path, format, quantization, cache_length, prefill_lengths
 def _check_writable(directory):
     try:
         os.makedirs(directory, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-test-")
-        os.close(fd)
-        os.remove(probe)
+        probe_write(directory)
     except OSError as error:
         raise PermissionError(
             f"Cannot write the export to {directory}: {error.strerror or error}. "

@@ -79,3 +79,58 @@ def _process_exists(pid):
     except PermissionError:  # someone else's process
         return True
     return True
+
+
+def probe_write(directory):
+    """Create and remove a file in `directory`; the OSError if that fails.
+
+    Permission bits say nothing for root, nor for read-only mounts or full
+    disks: only a real write does.
+    """
+    fd, probe = tempfile.mkstemp(dir=directory, prefix=".keras_gemma2-write-test-")
+    os.close(fd)
+    os.remove(probe)
+
+
+def check_writable_directory(path, what):
+    """Fail now, not after training, if `path` cannot be (created as) a directory we write in.
+
+    Writability is probed by creating and removing a file (permission bits
+    say nothing for root, nor for read-only mounts or full disks); nothing
+    is created when the directory does not exist yet: its nearest existing
+    ancestor is probed instead.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{what} {path} is a file, not a folder (pass a folder path).")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(
+            f"{what} {path} cannot be created: {existing} is a file, not a folder "
+            "(choose a path under a folder)."
+        )
+    try:
+        probe_write(existing)
+    except OSError as error:
+        raise ValueError(
+            f"{what} {path} is not writable: cannot create files in {existing} "
+            f"({error.strerror or error}; choose a writable location)."
+        ) from error
+    return path
+
+
+def check_writable_file(path, what):
+    """Fail now if the file `path` cannot be written later (its folder probed as above)."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path} is a folder (pass a file path).")
+    parent = os.path.dirname(path)
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise ValueError(
+            f"{what} {path} cannot be written: {parent} is a file, not a folder "
+            "(choose a path under a folder)."
+        )
+    check_writable_directory(parent, f"{what}'s folder")
+    return path

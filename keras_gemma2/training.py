@@ -12,7 +12,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 
 import keras
@@ -20,6 +19,7 @@ import numpy as np
 
 from keras_gemma2.checkpoints import safetensors_io
 from keras_gemma2.data import batch_at
+from keras_gemma2 import files
 from keras_gemma2.files import atomic_write
 
 LATEST = "latest"
@@ -130,53 +130,6 @@ def _numpy(variable):
     return np.asarray(keras.ops.convert_to_numpy(variable.value))
 
 
-# ---- output paths -------------------------------------------------------------------
-def check_writable_directory(path, what):
-    """Fail now, not after training, if `path` cannot be (created as) a directory we write in.
-
-    Writability is probed by creating and removing a file (permission bits
-    say nothing for root, nor for read-only mounts or full disks); nothing
-    is created when the directory does not exist yet: its nearest existing
-    ancestor is probed instead.
-    """
-    path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"{what} {path} is a file, not a folder (pass a folder path).")
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ValueError(
-            f"{what} {path} cannot be created: {existing} is a file, not a folder "
-            "(choose a path under a folder)."
-        )
-    try:
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".keras_gemma2-write-test-")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as error:
-        raise ValueError(
-            f"{what} {path} is not writable: cannot create files in {existing} "
-            f"({error.strerror or error}; choose a writable location)."
-        ) from error
-    return path
-
-
-def check_writable_file(path, what):
-    """Fail now if the file `path` cannot be written later (its folder probed as above)."""
-    path = os.path.abspath(os.fspath(path))
-    if os.path.isdir(path):
-        raise ValueError(f"{what} {path} is a folder (pass a file path).")
-    parent = os.path.dirname(path)
-    if os.path.exists(parent) and not os.path.isdir(parent):
-        raise ValueError(
-            f"{what} {path} cannot be written: {parent} is a file, not a folder "
-            "(choose a path under a folder)."
-        )
-    check_writable_directory(parent, f"{what}'s folder")
-    return path
-
-
 # ---- evaluation ---------------------------------------------------------------------
 def perplexity(causal_lm, batches):
     """exp(mean next-token negative log-likelihood) over real tokens."""
@@ -249,7 +202,7 @@ def train(
         )
     history, start = [], 0
     if checkpoint_dir:
-        check_writable_directory(checkpoint_dir, "checkpoint_dir")
+        files.check_writable_directory(checkpoint_dir, "checkpoint_dir")
         saved = checkpoint_step(checkpoint_dir)
         if saved is not None and saved > steps:
             raise ValueError(

@@ -18,6 +18,14 @@ def tiny_model(seed=0):
     return model
 
 
+@pytest.fixture(scope="module")
+def trained_model():
+    """One compiled model the tests share (each rejected call must leave it as it was)."""
+    model = tiny_model()
+    model.fit(batch(), batch_size=4, epochs=1, verbose=0)
+    return model
+
+
 def batch(seed=0, rows=4, length=10):
     ids = np.random.default_rng(seed).integers(0, TINY.vocabulary_size, (rows, length)).astype("int32")
     return {"token_ids": ids, "padding_mask": np.ones_like(ids)}
@@ -49,9 +57,9 @@ BAD_BATCHES = {
 
 
 @pytest.mark.parametrize("bad", sorted(BAD_BATCHES))
-def test_a_rejected_fit_after_a_good_one_leaves_the_model_working(bad):
+def test_a_rejected_fit_after_a_good_one_leaves_the_model_working(bad, trained_model):
     make_bad, message = BAD_BATCHES[bad]
-    model = tiny_model()
+    model = trained_model
     model.fit(batch(), batch_size=4, epochs=1, verbose=0)
     trained = weights(model)
     with pytest.raises(ValueError, match=message):
@@ -64,8 +72,8 @@ def test_a_rejected_fit_after_a_good_one_leaves_the_model_working(bad):
 
 
 @pytest.mark.parametrize("call", ["fit", "train_on_batch", "evaluate", "test_on_batch", "predict"])
-def test_out_of_range_ids_are_refused_before_any_step(call):
-    model = tiny_model()
+def test_out_of_range_ids_are_refused_before_any_step(call, trained_model):
+    model = trained_model
     before = weights(model)
     bad = with_ids(batch(), 2, 5, TINY.vocabulary_size + 7)
     with pytest.raises(ValueError, match=r"must lie in \[0, 128\); found \[135\] in `token_ids`"):
@@ -73,13 +81,14 @@ def test_out_of_range_ids_are_refused_before_any_step(call):
     assert_same_weights(model, before)
 
 
-def test_explicit_labels_outside_the_vocabulary_are_refused():
-    model = tiny_model()
+def test_explicit_labels_outside_the_vocabulary_are_refused(trained_model):
     x = batch()
     labels = x["token_ids"].copy()
     labels[0, 0] = TINY.vocabulary_size
+    before = weights(trained_model)
     with pytest.raises(ValueError, match="in `labels \\(y\\)`"):
-        model.fit(x, labels, batch_size=4, verbose=0)
+        trained_model.fit(x, labels, batch_size=4, verbose=0)
+    assert_same_weights(trained_model, before)
 
 
 def _stream_with_a_bad_second_batch():
@@ -104,8 +113,8 @@ def _tf_dataset():
 
 
 @pytest.mark.parametrize("source", ["generator", "py_dataset", "tf_dataset"])
-def test_streamed_batches_are_checked_one_by_one(source):
-    model = tiny_model()
+def test_streamed_batches_are_checked_one_by_one(source, trained_model):
+    model = trained_model
     data = {
         "generator": _stream_with_a_bad_second_batch,
         "py_dataset": _PyDataset,
@@ -142,12 +151,15 @@ class _FailingFirstStep(keras.callbacks.Callback):
         self.model.train_function = fail
 
 
-def test_a_step_that_fails_gives_the_weights_back():
-    model = tiny_model()
-    model.fit(batch(), batch_size=4, epochs=1, verbose=0)
+def test_a_step_that_fails_gives_the_weights_back(trained_model):
+    model = trained_model
     trained = weights(model)
-    with pytest.raises(KeyboardInterrupt):
-        model.fit(batch(1), batch_size=4, epochs=1, verbose=0, callbacks=[_FailingFirstStep()])
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            model.fit(batch(1), batch_size=4, epochs=1, verbose=0, callbacks=[_FailingFirstStep()])
+    finally:
+        model.train_function = None  # the next fit compiles the real step again
     assert all(v.value is not None for v in model.weights)
     assert_same_weights(model, trained)
     assert np.isfinite(model.score(batch(2)["token_ids"])).all()
+    model.fit(batch(3), batch_size=4, epochs=1, verbose=0)  # and trains again

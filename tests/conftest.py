@@ -78,3 +78,17 @@ def read_only_dir(monkeypatch):
     yield folder
     monkeypatch.undo()
     shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_text_preset(tmp_path_factory, sentencepiece_path):
+    """(path, model): the tiny config with random weights and the tiny tokenizer, saved as a preset."""
+    from helpers import randomize_weights
+    from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM, Gemma2Tokenizer
+
+    model = randomize_weights(
+        Gemma2CausalLM(Gemma2Backbone(TINY), tokenizer=Gemma2Tokenizer(sentencepiece_path))
+    )
+    path = str(tmp_path_factory.mktemp("tiny_text_preset") / "preset")
+    model.save_to_preset(path)
+    return path, model

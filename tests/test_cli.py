@@ -5,21 +5,7 @@ import json
 
 import pytest
 
-from helpers import randomize_weights
-from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM, Gemma2Config, Gemma2Tokenizer
 from keras_gemma2.cli import main
-
-TINY = Gemma2Config.from_preset("gemma2_tiny_test")
-
-
-@pytest.fixture(scope="module")
-def preset(tmp_path_factory, sentencepiece_path):
-    model = randomize_weights(
-        Gemma2CausalLM(Gemma2Backbone(TINY), tokenizer=Gemma2Tokenizer(sentencepiece_path))
-    )
-    path = str(tmp_path_factory.mktemp("cli") / "preset")
-    model.save_to_preset(path)
-    return path, model
 
 
 def test_presets_and_info(capsys):
@@ -30,23 +16,23 @@ def test_presets_and_info(capsys):
     assert info["parameter_count"] == 27_227_128_320 and info["query_pre_attn_scalar"] == 144
 
 
-def test_score(preset, capsys):
-    path, model = preset
+def test_score(tiny_text_preset, capsys):
+    path, model = tiny_text_preset
     assert main(["score", "--preset", path, "def f(x):"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     expected = float(model.score(["def f(x):"])[0].sum())
     assert line["log_prob"] == pytest.approx(expected, abs=1e-3)
 
 
-def test_generate_streams_the_same_text_as_the_api(preset, capsys):
-    path, model = preset
+def test_generate_streams_the_same_text_as_the_api(tiny_text_preset, capsys):
+    path, model = tiny_text_preset
     assert main(["generate", "--preset", path, "--max-new-tokens", "8", "def add("]) == 0
     expected = model.generate("def add(", max_new_tokens=8)
     assert capsys.readouterr().out == expected + "\n"
 
 
-def test_chat_is_multi_turn(preset, capsys, monkeypatch):
-    path, model = preset
+def test_chat_is_multi_turn(tiny_text_preset, capsys, monkeypatch):
+    path, model = tiny_text_preset
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello\nAnd then?\n/exit\n"))
     assert main(["chat", "--preset", path, "--max-new-tokens", "6"]) == 0
     out = capsys.readouterr().out

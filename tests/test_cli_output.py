@@ -11,22 +11,9 @@ import sys
 
 import pytest
 
-from helpers import randomize_weights
-from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM, Gemma2Config, Gemma2Tokenizer, cli
+from keras_gemma2 import Gemma2Config, cli
 from keras_gemma2.checkpoints import safetensors_io
 from keras_gemma2.version import __version__
-
-TINY = Gemma2Config.from_preset("gemma2_tiny_test")
-
-
-@pytest.fixture(scope="module")
-def preset(tmp_path_factory, sentencepiece_path):
-    model = randomize_weights(
-        Gemma2CausalLM(Gemma2Backbone(TINY), tokenizer=Gemma2Tokenizer(sentencepiece_path))
-    )
-    path = str(tmp_path_factory.mktemp("cli_output") / "preset")
-    model.save_to_preset(path)
-    return path, model
 
 
 def _one_error_line(err):
@@ -42,9 +29,9 @@ def _one_error_line(err):
     (errno.EROFS, "file system is read-only"),
     (errno.EACCES, "check its permissions"),
 ])
-def test_a_failed_write_names_the_path_and_the_fix(preset, tmp_path, monkeypatch, capsys, code, fix):
+def test_a_failed_write_names_the_path_and_the_fix(tiny_text_preset, tmp_path, monkeypatch, capsys, code, fix):
     """A full disk or a read-only folder (tests run as root: the failure is injected)."""
-    path, _ = preset
+    path, _ = tiny_text_preset
 
     @contextlib.contextmanager
     def failing_write(target, mode="wb"):
@@ -137,8 +124,8 @@ def test_no_flag_is_greedy_and_an_explicit_sampler_wins(capsys):
         assert capsys.readouterr().err == ""
 
 
-def test_generate_with_temperature_samples_instead_of_failing_or_being_greedy(preset, capsys):
-    path, model = preset
+def test_generate_with_temperature_samples_instead_of_failing_or_being_greedy(tiny_text_preset, capsys):
+    path, model = tiny_text_preset
     flags = ["--temperature", "0.8", "--top-k", "20", "--seed", "3", "--max-new-tokens", "8"]
     assert cli.main(["generate", "--preset", path, *flags, "def add("]) == 0
     captured = capsys.readouterr()
@@ -153,10 +140,10 @@ def test_generate_with_temperature_samples_instead_of_failing_or_being_greedy(pr
 _LOG_LINE = re.compile(r"^[IWEF]\d{4} [\d:.]+ +\d+ \S+:\d+\] |^WARNING: All log messages before absl", re.M)
 
 
-def test_tensorflow_start_up_logs_are_hidden_unless_asked_for(preset):
+def test_tensorflow_start_up_logs_are_hidden_unless_asked_for(tiny_text_preset):
     """oneDNN, cudart (each printed twice), cpu_feature_guard, cuInit: hidden by default;
     the user's TF_CPP_MIN_LOG_LEVEL or --backend-logs brings them back."""
-    path, _ = preset
+    path, _ = tiny_text_preset
     command = [sys.executable, "-m", "keras_gemma2.cli", "generate", "--preset", path,
                "--max-new-tokens", "2", "def"]
     environment = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}

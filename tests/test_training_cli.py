@@ -10,7 +10,6 @@ import keras
 import numpy as np
 import pytest
 
-from helpers import randomize_weights
 from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM, Gemma2Config, Gemma2Tokenizer
 from keras_gemma2 import cli, data, merging, training
 from keras_gemma2.cli import main
@@ -57,16 +56,6 @@ def config_file(tmp_path, name, **changes):
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(TINY.replace(**changes).to_dict()))
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def teacher_preset(tmp_path_factory, sentencepiece_path):
-    model = randomize_weights(
-        Gemma2CausalLM(Gemma2Backbone(TINY), tokenizer=Gemma2Tokenizer(sentencepiece_path))
-    )
-    path = str(tmp_path_factory.mktemp("teacher") / "preset")
-    model.save_to_preset(path)
-    return path
 
 
 # ---- numbers and option combinations ------------------------------------------------
@@ -292,7 +281,8 @@ def test_resume_beyond_steps_and_dangling_pointer(text_file, sentencepiece_path,
 
 
 # ---- offline store reuse ----------------------------------------------------------------
-def test_offline_store_reused_with_other_data_is_refused(teacher_preset, text_file, tmp_path, capsys):
+def test_offline_store_reused_with_other_data_is_refused(tiny_text_preset, text_file, tmp_path, capsys):
+    teacher_preset, _ = tiny_text_preset
     store = str(tmp_path / "store")
     student = config_file(tmp_path, "student", num_layers=1)
     argv = ["distill", "--teacher", teacher_preset, "--student", student, "--data", text_file,

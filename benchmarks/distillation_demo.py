@@ -55,7 +55,7 @@ def train_tokenizer(texts, path):
     """A Gemma-style SentencePiece model: same special pieces, no normalisation, digits split."""
     import sentencepiece as spm
 
-    from keras_gemma2.files import atomic_write
+    from keras_gemma2.io.atomic import atomic_write
 
     lines = [line for text in texts for line in text.splitlines() if line.strip()]
     model = io.BytesIO()
@@ -89,8 +89,9 @@ def main(argv=None):
     import keras
 
     from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM, Gemma2Config, Gemma2Tokenizer
-    from keras_gemma2 import data, training
-    from keras_gemma2.distillation import Distiller
+    from keras_gemma2.training import data
+    from keras_gemma2.training import trainer
+    from keras_gemma2.training.distillation import Distiller
 
     teacher_arch, student_arch = dict(TEACHER), dict(STUDENT)
     if args.quick:
@@ -118,7 +119,7 @@ def main(argv=None):
 
     def fit(model, steps, label):
         started = time.time()
-        history = training.train(
+        history = trainer.train(
             model, stream, steps, args.batch_size, args.sequence_length,
             eval_batches=eval_batches, eval_every=max(steps // 5, 1),
         )
@@ -145,7 +146,7 @@ def main(argv=None):
     tokens_seen = args.student_steps * args.batch_size * args.sequence_length
     rows = []
     for label, model in (("teacher", teacher), ("student from scratch", scratch), ("student distilled", distilled)):
-        rows.append((label, model.count_params(), training.perplexity(model, eval_batches)))
+        rows.append((label, model.count_params(), trainer.perplexity(model, eval_batches)))
     elapsed = time.time() - began
     table = [
         f"command: KERAS_BACKEND={keras.backend.backend()} python benchmarks/distillation_demo.py "
@@ -162,7 +163,7 @@ def main(argv=None):
         f"run time: {elapsed / 60:.1f} min on this machine ({os.cpu_count()} cores)",
     ]
     print("\n".join(table))
-    from keras_gemma2.files import atomic_write
+    from keras_gemma2.io.atomic import atomic_write
 
     with atomic_write(os.path.join(args.out, "table.md"), "w") as f:
         f.write("\n".join(table) + "\n")
@@ -182,7 +183,7 @@ def plot(histories, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from keras_gemma2.files import atomic_write
+    from keras_gemma2.io.atomic import atomic_write
 
     figure, axis = plt.subplots(figsize=(7, 4))
     for label, history in histories.items():
@@ -206,9 +207,9 @@ def ship(name, model, value, held_out_text, args):
     import keras
 
     from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM
-    from keras_gemma2.files import atomic_write
-    from keras_gemma2.training import perplexity
-    from keras_gemma2 import data
+    from keras_gemma2.io.atomic import atomic_write
+    from keras_gemma2.training.trainer import perplexity
+    from keras_gemma2.training import data
 
     directory = os.path.join(ROOT, "presets", name)
     shutil.rmtree(directory, ignore_errors=True)

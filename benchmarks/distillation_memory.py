@@ -30,8 +30,8 @@ def run(mode, store):
     import numpy as np
 
     from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM, Gemma2Config
-    from keras_gemma2.distillation import Distiller
-    from keras_gemma2.offline_distillation import OfflineDistiller, Store, build_store
+    from keras_gemma2.training.distillation import Distiller
+    from keras_gemma2.training.offline_distillation import OfflineDistiller, Store, build_store
 
     keras.utils.set_random_seed(0)
     stream = np.random.default_rng(0).integers(4, VOCABULARY, 200_000).astype("int32")

@@ -70,7 +70,7 @@ def export_step(args):
     import keras
 
     import keras_gemma2
-    from keras_gemma2.export import export
+    from keras_gemma2.edge.export import export
 
     assert keras.backend.backend() == "tensorflow", "run with KERAS_BACKEND=tensorflow"
     overrides = {} if args.layers == 26 else {"num_layers": args.layers}

@@ -172,8 +172,8 @@ def own_split(model, args):
     import keras
     import numpy as np
 
-    from keras_gemma2 import generation
-    from keras_gemma2.samplers import Sampler
+    from keras_gemma2.generation import generator as generation
+    from keras_gemma2.generation.samplers import Sampler
 
     config = model.config
     split = {}
@@ -248,7 +248,7 @@ def prepare(args):
     import numpy as np
 
     import keras_gemma2
-    from keras_gemma2 import kv_cache
+    from keras_gemma2.model import kv_cache
 
     with _zero_initializers():
         backbone = keras_hub.models.GemmaBackbone(dtype="float32", **kerashub_kwargs())

@@ -8,12 +8,12 @@ _cli_startup.prepare_if_command()
 
 from keras_gemma2.version import __version__
 from keras_gemma2.config import Gemma2Config
-from keras_gemma2.backbone import Gemma2Backbone
+from keras_gemma2.model.backbone import Gemma2Backbone
 from keras_gemma2.causal_lm import Gemma2CausalLM
 from keras_gemma2.tokenizer import Gemma2Tokenizer
-from keras_gemma2.preset_registry import list_presets
-from keras_gemma2.samplers import BeamSearch, Sampler
-from keras_gemma2.export import export
+from keras_gemma2.checkpoints.registry import list_presets
+from keras_gemma2.generation.samplers import BeamSearch, Sampler
+from keras_gemma2.edge.export import export
 
 
 def from_preset(preset, dtype=None, load_weights=True, **config_overrides):

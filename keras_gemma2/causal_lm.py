@@ -6,9 +6,9 @@ import warnings
 import keras
 import numpy as np
 
-from keras_gemma2.backbone import Gemma2Backbone, standardize_inputs
-from keras_gemma2.safe_training import CheckedTraining
-from keras_gemma2.samplers import is_integer
+from keras_gemma2.model.backbone import Gemma2Backbone, standardize_inputs
+from keras_gemma2.training.batch_checks import CheckedTraining
+from keras_gemma2.generation.samplers import is_integer
 from keras_gemma2.tokenizer import check_text
 
 
@@ -30,7 +30,7 @@ class Gemma2CausalLM(CheckedTraining, keras.Model):
 
         @functools.wraps(cls.quantize)
         def quantize(mode=None, config=None, filters=None, **kwargs):
-            from keras_gemma2 import quantization
+            from keras_gemma2.model import quantization
 
             mode = quantization.check_request(model, mode, config)
             return keras_quantize(mode, config=config, filters=filters, **kwargs)
@@ -159,7 +159,7 @@ class Gemma2CausalLM(CheckedTraining, keras.Model):
     def generator(self):
         """The compiled generation functions (created on first use)."""
         if getattr(self, "_generator", None) is None:
-            from keras_gemma2.generation import Generator
+            from keras_gemma2.generation.generator import Generator
 
             self._generator = Generator(self)
         return self._generator
@@ -192,7 +192,7 @@ class Gemma2CausalLM(CheckedTraining, keras.Model):
         result. `max_length` counts the longest prompt plus new tokens.
         `sliding_window_size` overrides the window at inference time.
         """
-        from keras_gemma2.samplers import Sampler, get_sampler
+        from keras_gemma2.generation.samplers import Sampler, get_sampler
 
         request = self._generation_request(
             inputs, max_length, max_new_tokens, stop_token_ids, stop_strings, stream,
@@ -201,7 +201,7 @@ class Gemma2CausalLM(CheckedTraining, keras.Model):
         sampler = get_sampler(sampler, temperature, top_k, top_p, min_p)
         _check_output_options(seed, return_logprobs, stream, beam=not isinstance(sampler, Sampler))
         if not isinstance(sampler, Sampler):
-            from keras_gemma2.beam_search import beam_search
+            from keras_gemma2.generation.beam_search import beam_search
 
             return beam_search(self, request, sampler, return_logprobs)
         if stream is True:
@@ -219,7 +219,7 @@ class Gemma2CausalLM(CheckedTraining, keras.Model):
 
     def kv_cache_bytes(self, batch_size, max_length, sliding_window_size=None):
         """Bytes of the generation cache (compute dtype; sliding layers hold only their window)."""
-        from keras_gemma2 import kv_cache
+        from keras_gemma2.model import kv_cache
 
         config = self.config
         if sliding_window_size is not None:
@@ -369,7 +369,7 @@ class Gemma2CausalLM(CheckedTraining, keras.Model):
         }
 
     def _default_stop_ids(self):
-        from keras_gemma2.generation import GEMMA_STOP_IDS, GEMMA_STOP_PIECES
+        from keras_gemma2.generation.generator import GEMMA_STOP_IDS, GEMMA_STOP_PIECES
 
         if self.tokenizer is not None:
             ids = [self.tokenizer.piece_to_id(piece) for piece in GEMMA_STOP_PIECES]
@@ -377,7 +377,7 @@ class Gemma2CausalLM(CheckedTraining, keras.Model):
         return [i for i in GEMMA_STOP_IDS if i < self.config.vocabulary_size]
 
     def _finish(self, request, tokens, logprobs, return_logprobs):
-        from keras_gemma2.generation import Generation, cut_at_stop_string, trim_at_stop
+        from keras_gemma2.generation.generator import Generation, cut_at_stop_string, trim_at_stop
 
         rows = [trim_at_stop(t, lp, request["stop_ids"]) for t, lp in zip(tokens, logprobs)]
         token_ids = [np.asarray(t, "int32") for t, _ in rows]
@@ -398,7 +398,7 @@ class Gemma2CausalLM(CheckedTraining, keras.Model):
 
     def _stream(self, request, sampler, seed):
         """Yield text pieces as the compiled loop produces tokens (one token per chunk)."""
-        from keras_gemma2.generation import cut_at_stop_string, trim_at_stop
+        from keras_gemma2.generation.generator import cut_at_stop_string, trim_at_stop
 
         if self.tokenizer is None:
             raise ValueError("Streaming text needs a tokenizer.")
@@ -421,23 +421,23 @@ class Gemma2CausalLM(CheckedTraining, keras.Model):
 
         `target_layers`: any of query, key, value, attention_output, gate, up, down.
         """
-        from keras_gemma2 import lora
+        from keras_gemma2.model import lora
 
         lora.enable_lora(self, rank, target_layers, alpha)
 
     def save_lora_weights(self, path):
-        from keras_gemma2 import lora
+        from keras_gemma2.model import lora
 
         lora.save_lora_weights(self, path)
 
     def load_lora_weights(self, path):
-        from keras_gemma2 import lora
+        from keras_gemma2.model import lora
 
         lora.load_lora_weights(self, path)
 
     def merge_lora(self):
         """A new model with the adapters folded into the kernels."""
-        from keras_gemma2 import lora
+        from keras_gemma2.model import lora
 
         return lora.merge_lora(self)
 
@@ -454,7 +454,7 @@ class Gemma2CausalLM(CheckedTraining, keras.Model):
         callable) narrows the layers. Invalid requests fail before any work.
         Save a quantized model with `model.save("m.keras")`.
         """
-        from keras_gemma2 import quantization
+        from keras_gemma2.model import quantization
 
         mode = quantization.check_request(self, mode, config)  # cheap; also for Gemma2CausalLM.quantize(model, ...)
         select = quantization.layer_filter(filters)
@@ -466,7 +466,7 @@ class Gemma2CausalLM(CheckedTraining, keras.Model):
 
     def weight_bytes(self):
         """Bytes held by the model's variables (e.g. before and after `quantize`)."""
-        from keras_gemma2 import quantization
+        from keras_gemma2.model import quantization
 
         return quantization.weight_bytes(self)
 
@@ -474,12 +474,12 @@ class Gemma2CausalLM(CheckedTraining, keras.Model):
     @classmethod
     def from_preset(cls, preset, dtype=None, **kwargs):
         """Load model and tokenizer from a preset name, directory or handle."""
-        from keras_gemma2.checkpoints import load_causal_lm
+        from keras_gemma2.checkpoints.presets import load_causal_lm
 
         return load_causal_lm(preset, dtype=dtype, **kwargs)
 
     def save_to_preset(self, preset_dir, max_shard_size="4GB"):
-        from keras_gemma2.checkpoints import save_preset
+        from keras_gemma2.checkpoints.presets import save_preset
 
         save_preset(self.backbone, preset_dir, tokenizer=self.tokenizer, max_shard_size=max_shard_size)
 

@@ -14,8 +14,9 @@ import os
 import sys
 import time
 
-from keras_gemma2 import cli_startup, files
-from keras_gemma2.export import CACHE_LENGTH_TEXT, PREFILL_LENGTHS_TEXT, export_lengths
+from keras_gemma2 import cli_startup
+from keras_gemma2.io import atomic
+from keras_gemma2.edge.export import CACHE_LENGTH_TEXT, PREFILL_LENGTHS_TEXT, export_lengths
 from keras_gemma2.version import __version__
 
 EXIT_UNEXPECTED = 1
@@ -178,7 +179,7 @@ def _chat(args):
 
 
 def _merge(args):
-    from keras_gemma2 import merging
+    from keras_gemma2.training import merging
 
     _check_new_preset_path(args.out, "--out")  # before reading any checkpoint
     if args.base is not None:
@@ -285,7 +286,7 @@ def _check_new_preset_path(path, option):
             f"{option} {path} already exists and is not an empty folder (choose a new path or "
             "remove it; this is checked before any work so nothing is thrown away)"
         )
-    files.check_writable_directory(path, option)
+    atomic.check_writable_directory(path, option)
 
 
 def _check_output_paths(args):
@@ -300,7 +301,7 @@ def _check_output_paths(args):
     for option, path in (("--checkpoint-dir", args.checkpoint_dir),
                          ("--offline-store", getattr(args, "offline_store", None))):
         if path:
-            folders[option] = files.check_writable_directory(path, option)
+            folders[option] = atomic.check_writable_directory(path, option)
     names = list(folders)
     for i, first in enumerate(names):
         for second in names[i + 1:]:
@@ -310,7 +311,7 @@ def _check_output_paths(args):
                     f"{first} {a} and {second} {b} overlap (give each its own folder)"
                 )
     if args.plot:
-        plot = files.check_writable_file(args.plot, "--plot")
+        plot = atomic.check_writable_file(args.plot, "--plot")
         for option, folder in folders.items():
             if plot == folder:
                 raise ValueError(f"--plot {plot} is also the {option} folder (choose another file)")
@@ -320,9 +321,9 @@ def _check_output_paths(args):
 
 def _check_resume(args):
     """A checkpoint beyond --steps (steps are a total) is refused before any model is loaded."""
-    from keras_gemma2 import training
+    from keras_gemma2.training import trainer
 
-    saved = training.checkpoint_step(args.checkpoint_dir)
+    saved = trainer.checkpoint_step(args.checkpoint_dir)
     if saved is not None and saved > args.steps:
         raise ValueError(
             f"--checkpoint-dir {args.checkpoint_dir} holds a checkpoint at step {saved}, beyond "
@@ -372,7 +373,8 @@ def _model_with_tokenizer(preset, tokenizer_path, dtype, role="model", fallback=
 
 
 def _run_training(args, model, student, batches=None, texts=None):
-    from keras_gemma2 import data, training
+    from keras_gemma2.training import data
+    from keras_gemma2.training import trainer
 
     if batches is None:
         batches = data.token_stream(student.tokenizer, texts or data.read_texts(args.data))
@@ -387,13 +389,13 @@ def _run_training(args, model, student, batches=None, texts=None):
     notice = "Ctrl-C: stopping after this step and saving what was trained (Ctrl-C again quits now)."
     try:
         with cli_startup.defer_interrupts(notice):
-            history = training.train(
+            history = trainer.train(
                 model, batches, args.steps, args.batch_size, args.sequence_length,
                 checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
                 eval_batches=eval_batches, eval_every=args.eval_every, seed=args.seed,
                 stop_requested=cli_startup.stop_requested,
             )
-    except training.TrainingStopped as stopped:  # Ctrl-C: keep what was trained, exit 130
+    except trainer.TrainingStopped as stopped:  # Ctrl-C: keep what was trained, exit 130
         if stopped.checkpoint_dir:
             where = "run the same command to resume"
         else:
@@ -407,7 +409,7 @@ def _run_training(args, model, student, batches=None, texts=None):
 
 def _finish(args, student, history):
     """Save the model first, then the plot; if either fails the model still ends up on disk."""
-    from keras_gemma2 import training
+    from keras_gemma2.training import trainer
 
     problems, saved = [], False
     if args.out:
@@ -419,7 +421,7 @@ def _finish(args, student, history):
             problems.append(f"saving --out {args.out} failed: {error}")
     if args.plot:
         try:
-            training.plot_history(history, args.plot, title=f"keras-gemma2 {args.command}")
+            trainer.plot_history(history, args.plot, title=f"keras-gemma2 {args.command}")
             print(f"wrote {args.plot}", flush=True)
         except Exception as error:  # noqa: BLE001
             problems.append(f"writing --plot {args.plot} failed: {error}")
@@ -451,7 +453,7 @@ def _rescue(args, student):
 def _train(args):
     import keras
 
-    from keras_gemma2 import data
+    from keras_gemma2.training import data
 
     _check_training_args(args)
     _check_output_paths(args)
@@ -468,8 +470,8 @@ def _distill(args):
 
     import keras
 
-    from keras_gemma2 import data
-    from keras_gemma2.distillation import Distiller
+    from keras_gemma2.training import data
+    from keras_gemma2.training.distillation import Distiller
 
     _check_training_args(args)
     _check_output_paths(args)
@@ -500,7 +502,7 @@ def _distill(args):
             )
     optimizer = keras.optimizers.AdamW(args.learning_rate, weight_decay=0.01)
     if args.offline_store:
-        from keras_gemma2 import offline_distillation
+        from keras_gemma2.training import offline_distillation
 
         if args.top_k > teacher.config.vocabulary_size:
             raise ValueError(

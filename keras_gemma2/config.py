@@ -125,11 +125,11 @@ class Gemma2Config:
     @classmethod
     def from_preset(cls, preset):
         """The architecture of a registered preset (no download) or a checkpoint directory."""
-        from keras_gemma2 import preset_registry
+        from keras_gemma2.checkpoints import registry
 
-        if isinstance(preset, str) and preset in preset_registry.names():
-            return cls.from_dict(preset_registry.get(preset)["config"])
-        from keras_gemma2.checkpoints import read_checkpoint, resolve_preset
+        if isinstance(preset, str) and preset in registry.names():
+            return cls.from_dict(registry.get(preset)["config"])
+        from keras_gemma2.checkpoints.presets import read_checkpoint, resolve_preset
 
         return read_checkpoint(resolve_preset(preset))[0]
 

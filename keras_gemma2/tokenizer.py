@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from keras_gemma2.files import atomic_write
+from keras_gemma2.io.atomic import atomic_write
 
 _PAD, _EOS, _BOS, _UNK = "<pad>", "<eos>", "<bos>", "<unk>"
 _START_OF_TURN, _END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
@@ -53,7 +53,7 @@ class Gemma2Tokenizer:
     @classmethod
     def from_preset(cls, preset):
         """Load the tokenizer stored with a preset (name or directory)."""
-        from keras_gemma2.checkpoints import load_tokenizer
+        from keras_gemma2.checkpoints.presets import load_tokenizer
 
         return load_tokenizer(preset)
 

@@ -4,12 +4,24 @@
 import numpy as np
 import pytest
 
-from keras_gemma2 import Gemma2Config
+from helpers import TINY
 
-# The tiny configs are registered presets (presets/gemma2_tiny_*.json): shaped
-# like the real models (GQA, windows shorter than test sequences), but run in
-# milliseconds. Test modules read them with Gemma2Config.from_preset.
-TINY = Gemma2Config.from_preset("gemma2_tiny_test")
+
+@pytest.fixture(scope="session")
+def Runner():
+    """The standalone on-device runner's class, loaded from export/runner.py by path.
+
+    The runner is not part of the package (it runs where keras_gemma2 is not
+    installed), so tests load its file as the phone app would ship it.
+    """
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "export", "runner.py")
+    spec = importlib.util.spec_from_file_location("runner", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Runner
 
 
 @pytest.fixture

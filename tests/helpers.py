@@ -1,15 +1,21 @@
 """Test helpers that build small real artifacts instead of mocking them."""
 
 import io
-
-from keras_gemma2.files import atomic_write
 import os
+
+from keras_gemma2 import Gemma2Config
+from keras_gemma2.io.atomic import atomic_write
+
+# The tiny configs are registered presets (presets/gemma2_tiny_*.json): shaped
+# like the real models (GQA, windows shorter than test sequences), but run in
+# milliseconds.
+TINY = Gemma2Config.from_preset("gemma2_tiny_test")
 
 # The real Gemma vocabulary is not downloadable in tests, so we train a tiny
 # SentencePiece model shaped like it: the same special pieces (looked up by
 # name, at DIFFERENT ids for the turn markers), BPE, no text normalization,
 # no dummy prefix, whitespace kept, digits split, "\n" as its own piece.
-TEST_VOCABULARY_SIZE = 128  # Must equal tests/conftest.py TINY.vocabulary_size.
+TEST_VOCABULARY_SIZE = 128  # Must equal TINY.vocabulary_size.
 
 _ENGLISH = [
     "The quick brown fox jumps over the lazy dog.",

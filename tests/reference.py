@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from keras_gemma2.checkpoints import hf
+from keras_gemma2.checkpoints import transformers_format
 
 
 def random_hf_model(config, seed=0, scale=0.3):
@@ -10,7 +10,7 @@ def random_hf_model(config, seed=0, scale=0.3):
     import torch
     import transformers
 
-    hf_config = transformers.Gemma2Config(**hf.config_to_hf(config), attn_implementation="eager")
+    hf_config = transformers.Gemma2Config(**transformers_format.config_to_hf(config), attn_implementation="eager")
     hf_config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = transformers.Gemma2ForCausalLM(hf_config).eval()

@@ -17,9 +17,9 @@ import pytest
 
 from helpers import randomize_weights
 from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM, Gemma2Config, Gemma2Tokenizer
-from keras_gemma2.lora import lora_layers
-from keras_gemma2.quantization import quantization_modes
-from keras_gemma2.samplers import BeamSearch, Sampler
+from keras_gemma2.model.lora import lora_layers
+from keras_gemma2.model.quantization import quantization_modes
+from keras_gemma2.generation.samplers import BeamSearch, Sampler
 
 TINY = Gemma2Config.from_preset("gemma2_tiny_test")  # vocabulary 128, context 64, widths 32
 PROMPT = "def add(a, b):"

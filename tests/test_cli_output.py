@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from keras_gemma2 import Gemma2Config, cli
-from keras_gemma2.checkpoints import safetensors_io
+from keras_gemma2.io import safetensors_files
 from keras_gemma2.version import __version__
 
 
@@ -38,7 +38,7 @@ def test_a_failed_write_names_the_path_and_the_fix(tiny_text_preset, tmp_path, m
         raise OSError(code, os.strerror(code), os.fspath(target))
         yield  # pragma: no cover
 
-    monkeypatch.setattr(safetensors_io, "atomic_write", failing_write)
+    monkeypatch.setattr(safetensors_files, "atomic_write", failing_write)
     out = tmp_path / "merged"
     assert cli.main(["merge", path, path, "--out", str(out)]) == cli.EXIT_REJECTED
     line = _one_error_line(capsys.readouterr().err)

@@ -161,7 +161,7 @@ TRAIN_TEXT = "\n".join(f"def function_{i}(a, b):\n    return a * {i} + b  # line
 def test_ctrl_c_while_training_keeps_what_was_trained(tmp_path, sentencepiece_path):
     """The first Ctrl-C finishes the running step, checkpoints it (or saves a rescue preset
     without --checkpoint-dir) and exits 130; nothing trained is lost."""
-    from keras_gemma2 import training
+    from keras_gemma2.training import trainer
 
     data = tmp_path / "train.txt"
     data.write_text(TRAIN_TEXT)
@@ -182,7 +182,7 @@ def test_ctrl_c_while_training_keeps_what_was_trained(tmp_path, sentencepiece_pa
         match = re.search(r"training stopped after step (\d+) of 100000(.*)", stderr)
         assert match and int(match.group(1)) >= 3 and kept in match.group(2), stderr[-2000:]
         if extra:
-            assert training.checkpoint_step(checkpoints) == int(match.group(1))
+            assert trainer.checkpoint_step(checkpoints) == int(match.group(1))
         else:
             rescued = re.search(r"saved to (\S+) instead", stderr).group(1)
             assert os.path.isfile(os.path.join(rescued, "config.json"))

@@ -8,7 +8,7 @@ import types
 import numpy as np
 import pytest
 
-from conftest import TINY
+from helpers import TINY
 from helpers import TEST_VOCABULARY_SIZE, train_test_sentencepiece
 from keras_gemma2.tokenizer import Gemma2Tokenizer
 

@@ -1,0 +1,174 @@
+"""Text generation: one prefill pass, then one compiled decode loop.
+
+Prompts are left-padded to a length bucket (powers of two from 16), so
+prompts of different lengths share one compiled program per (batch size,
+bucket, new-token budget, sampler, stop ids). Prefill costs the bucket, not
+the full generation length; the decode loop stops early once every row has
+emitted a stop token. Streaming runs the same compiled loop a chunk at a time.
+"""
+
+import dataclasses
+
+import numpy as np
+from keras import ops
+
+from keras_gemma2 import backend
+from keras_gemma2.model import kv_cache
+
+MIN_BUCKET = 16
+GEMMA_STOP_PIECES = ("<eos>", "<end_of_turn>")
+GEMMA_STOP_IDS = (1, 107)  # in the real vocabulary; used when no tokenizer is attached
+
+
+def prompt_bucket(longest, limit):
+    """Smallest power of two >= longest (at least MIN_BUCKET), at most `limit`."""
+    bucket = MIN_BUCKET
+    while bucket < longest:
+        bucket *= 2
+    return max(longest, min(bucket, limit))
+
+
+def left_pad(prompts, max_new_tokens, max_sequence_length):
+    """Prompts left-padded to their bucket: (ids [B, bucket], pad counts [B], bucket)."""
+    longest = max(len(p) for p in prompts)
+    bucket = prompt_bucket(longest, max_sequence_length - max_new_tokens)
+    padded = np.zeros((len(prompts), bucket), "int32")
+    padding = np.zeros((len(prompts),), "int32")
+    for row, prompt in enumerate(prompts):
+        padded[row, bucket - len(prompt) :] = prompt
+        padding[row] = bucket - len(prompt)
+    return padded, padding, bucket
+
+
+@dataclasses.dataclass
+class Generation:
+    """New tokens per row (stop token excluded) with their log-probabilities."""
+
+    token_ids: list
+    logprobs: list
+    text: list = None
+
+
+class Generator:
+    """Owns the compiled prefill/decode functions of one Gemma2CausalLM."""
+
+    def __init__(self, model):
+        self.model = model
+        self.compilations = 0  # traces of compiled functions (jax / tensorflow)
+        self._functions = {}
+
+    # ---- compiled pieces --------------------------------------------------
+    def functions(self, batch_size, bucket, max_new_tokens, sampler, stop_ids, window):
+        key = (batch_size, bucket, max_new_tokens, sampler, stop_ids, window)
+        if key not in self._functions:
+            self._functions[key] = self._build(
+                batch_size, bucket, max_new_tokens, sampler, stop_ids, window
+            )
+        return self._functions[key]
+
+    def _build(self, batch_size, bucket, max_new_tokens, sampler, stop_ids, window):
+        backbone = self.model.backbone
+        config = backbone.config.replace(sliding_window_size=window)
+        windows = kv_cache.layer_windows(config)
+        total_length = bucket + max_new_tokens
+        stop = np.array(stop_ids or [-1], "int32")
+
+        def count_trace():
+            if backend.compiles():
+                self.compilations += 1  # runs once per trace, not per call
+
+        def choose(logits, step, seed, tokens, logprobs, done):
+            """Sample step `step`'s token per row; finished rows get 0 (never fed back)."""
+            token = sampler.select(logits, ops.stack([seed, step]))
+            chosen = ops.take_along_axis(ops.log_softmax(logits, axis=-1), token[:, None], axis=-1)
+            token = ops.where(done, 0, token)
+            tokens = ops.slice_update(tokens, [0, step], token[:, None])
+            logprobs = ops.slice_update(logprobs, [0, step], ops.where(done[:, None], 0.0, chosen))
+            done = ops.logical_or(done, ops.any(token[:, None] == stop[None, :], axis=-1))
+            return token, tokens, logprobs, done
+
+        def start(prompt, padding, seed):
+            """Prefill and the first token: all time-to-first-token costs, nothing more."""
+            count_trace()
+            batch = ops.shape(prompt)[0]
+            caches = kv_cache.new_caches(config, batch, total_length, backbone.compute_dtype)
+            logits, caches = kv_cache.prefill(backbone, prompt, padding, caches, windows)
+            token, tokens, logprobs, done = choose(
+                logits, ops.zeros((), "int32"), seed,
+                ops.zeros((batch, max_new_tokens), "int32"),
+                ops.zeros((batch, max_new_tokens), "float32"),
+                ops.zeros((batch,), "bool"),
+            )
+            return {
+                "step": ops.ones((), "int32"), "token": token, "caches": caches, "padding": padding,
+                "tokens": tokens, "logprobs": logprobs, "done": done,
+            }
+
+        def run(state, seed, stop_at):
+            """Steps until `stop_at` or all rows done; each feeds the last token, then samples.
+
+            The forward pass feeds a token that was already sampled, so none is
+            spent on logits nobody reads (after the last token or a stop).
+            """
+            count_trace()
+
+            def cond(step, token, caches, tokens, logprobs, done):
+                return ops.logical_and(step < stop_at, ops.logical_not(ops.all(done)))
+
+            def body(step, token, caches, tokens, logprobs, done):
+                logits, caches = kv_cache.decode(
+                    backbone, token[:, None], state["padding"], caches, bucket + step - 1, windows
+                )
+                token, tokens, logprobs, done = choose(logits, step, seed, tokens, logprobs, done)
+                return step + 1, token, caches, tokens, logprobs, done
+
+            names = ("step", "token", "caches", "tokens", "logprobs", "done")
+            loop = ops.while_loop(cond, body, tuple(state[name] for name in names))
+            return {**state, **dict(zip(names, loop))}
+
+        variables = backbone.variables
+        return (
+            backend.compile_function(start, variables),
+            backend.compile_function(run, variables, donate_first=True),
+        )
+
+    # ---- host side ----------------------------------------------------------
+    def run(self, prompts, max_new_tokens, sampler, stop_ids, seed, window, chunk=None):
+        """Yield (tokens [B, n], logprobs [B, n], done [B]) after each chunk (one chunk if None)."""
+        padded, padding, bucket = left_pad(
+            prompts, max_new_tokens, self.model.config.max_sequence_length
+        )
+        start, decode = self.functions(
+            len(prompts), bucket, max_new_tokens, sampler, stop_ids, window
+        )
+        seed = ops.convert_to_tensor(np.int32(seed if seed is not None else np.random.randint(2**31 - 1)))
+        state = start(ops.convert_to_tensor(padded), ops.convert_to_tensor(padding), seed)
+        step = 1  # `start` sampled the first token
+        while True:
+            done = np.asarray(ops.convert_to_numpy(state["done"]))
+            finished = step >= max_new_tokens or done.all()
+            if finished or chunk is not None:
+                yield (
+                    np.asarray(ops.convert_to_numpy(state["tokens"]))[:, :step],
+                    np.asarray(ops.convert_to_numpy(state["logprobs"]))[:, :step],
+                    done,
+                )
+            if finished:
+                return
+            stop_at = max_new_tokens if chunk is None else min(step + chunk, max_new_tokens)
+            state = decode(state, seed, ops.convert_to_tensor(np.int32(stop_at)))
+            step = int(ops.convert_to_numpy(state["step"]))
+
+
+def trim_at_stop(tokens, logprobs, stop_ids):
+    """Cut a row at its first stop token (excluded)."""
+    for position, token in enumerate(tokens):
+        if int(token) in stop_ids:
+            return tokens[:position], logprobs[:position]
+    return tokens, logprobs
+
+
+def cut_at_stop_string(text, stop_strings):
+    """(text before the first stop string, whether one was found)."""
+    cut = min((text.find(s) for s in stop_strings if s and s in text), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)

@@ -1,0 +1,158 @@
+"""Token samplers that run inside the compiled decode loop (keras.ops only).
+
+A sampler is a frozen description (its settings are part of the compile
+key); `select(logits, seed)` maps float32 logits [batch, vocab] to token ids.
+Settings combine in the usual order: temperature, then top-k, top-p, min-p.
+"""
+
+import dataclasses
+import math
+
+import numpy as np
+from keras import ops
+
+from keras_gemma2 import backend
+
+_REMOVED = -1e30
+
+
+def is_integer(value):
+    """A Python or numpy integer, not a bool (True is an int to Python)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def is_real_number(value):
+    """A Python or numpy int/float, not a bool or a string."""
+    return is_integer(value) or isinstance(value, (float, np.floating))
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """greedy=True takes the argmax; otherwise sample from the filtered distribution.
+
+    temperature > 0; top_k >= 1 keeps the k most likely tokens; top_p in
+    (0, 1] keeps the smallest set whose probability reaches p; min_p in
+    [0, 1] drops tokens below min_p times the top token's probability.
+    """
+
+    greedy: bool = False
+    temperature: float = 1.0
+    top_k: int = None
+    top_p: float = None
+    min_p: float = None
+
+    def __post_init__(self):
+        # Checked here, not in the compiled loop: a str, bool or NaN would fail deep inside
+        # it or sample from a meaningless distribution.
+        for name, allowed, example in (
+            ("temperature", ">= 0 and finite", 0.8),
+            ("top_p", "in (0, 1]", 0.9),
+            ("min_p", "in [0, 1]", 0.05),
+        ):
+            value = getattr(self, name)
+            if value is None and name != "temperature":
+                continue
+            if not is_real_number(value):
+                raise ValueError(
+                    f"{name} must be {allowed}, got {value!r} ({type(value).__name__}); "
+                    f"pass a number such as {name}={example}."
+                )
+            value = float(value)
+            low_ok = value > 0 if name == "top_p" else value >= 0
+            high = math.inf if name == "temperature" else 1.0
+            if not (low_ok and value <= high and math.isfinite(value)):
+                raise ValueError(f"{name} must be {allowed}, got {value}; pass e.g. {name}={example}.")
+            object.__setattr__(self, name, value)
+        if self.top_k is not None:
+            if not is_integer(self.top_k) or self.top_k <= 0:
+                raise ValueError(
+                    f"top_k must be a positive integer, got {self.top_k!r} "
+                    f"({type(self.top_k).__name__}); pass e.g. top_k=50."
+                )
+            object.__setattr__(self, "top_k", int(self.top_k))
+        if self.temperature == 0:  # the limit of temperature -> 0
+            object.__setattr__(self, "greedy", True)
+
+    def select(self, logits, seed):
+        if self.greedy:
+            return ops.cast(ops.argmax(logits, axis=-1), "int32")
+        logits = logits / self.temperature
+        if self.top_k is not None and self.top_k < logits.shape[-1]:
+            kth_best = ops.top_k(logits, self.top_k, sorted=True)[0][:, -1:]
+            logits = ops.where(logits < kth_best, _REMOVED, logits)
+        if self.top_p is not None and self.top_p < 1:
+            ordered = ops.flip(ops.sort(logits, axis=-1), axis=-1)
+            probabilities = ops.softmax(ordered, axis=-1)
+            mass_before = ops.cumsum(probabilities, axis=-1) - probabilities
+            # The smallest logit still inside the nucleus (the top token always is).
+            kept = ops.where(mass_before < self.top_p, ordered, ordered[:, :1])
+            threshold = ops.min(kept, axis=-1, keepdims=True)
+            logits = ops.where(logits < threshold, _REMOVED, logits)
+        if self.min_p is not None and self.min_p > 0:
+            probabilities = ops.softmax(logits, axis=-1)
+            floor = self.min_p * ops.max(probabilities, axis=-1, keepdims=True)
+            logits = ops.where(probabilities < floor, _REMOVED, logits)
+        return backend.stateless_categorical(logits, seed)
+
+
+SAMPLER_NAMES = ("greedy", "temperature", "top_k", "top_p", "min_p", "beam")
+
+
+def get_sampler(sampler, temperature=None, top_k=None, top_p=None, min_p=None):
+    """A Sampler from a name plus settings, or a Sampler / BeamSearch as given.
+
+    Settings the chosen sampler would ignore are refused, so that e.g.
+    `temperature=0.8` without `sampler=` is never silently greedy.
+    """
+    if not isinstance(sampler, (Sampler, BeamSearch)) and sampler not in SAMPLER_NAMES:
+        raise ValueError(
+            f"Unknown sampler {sampler!r}. Use one of {', '.join(SAMPLER_NAMES)}, "
+            "or pass a keras_gemma2.Sampler / BeamSearch object."
+        )
+    pairs = (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p))
+    given = {name: value for name, value in pairs if value is not None}
+    # Validate the values whatever the sampler (a throwaway Sampler checks them all).
+    Sampler(**{"temperature": 1.0, **given})
+    if given and isinstance(sampler, (Sampler, BeamSearch)):
+        text = ", ".join(f"{k}={v!r}" for k, v in given.items())
+        raise ValueError(
+            f"{text} would be ignored: `sampler` is a {type(sampler).__name__} object, which "
+            "carries its own settings. Set them in the object (e.g. "
+            f"keras_gemma2.Sampler({text})) or pass a sampler name instead."
+        )
+    if isinstance(sampler, (Sampler, BeamSearch)):
+        return sampler
+    if sampler == "greedy" and given.get("temperature") == 0:
+        del given["temperature"]  # temperature 0 is greedy
+    if given and sampler in ("greedy", "beam"):
+        name = next(iter(given))
+        what = "takes the most likely token" if sampler == "greedy" else "keeps the most likely beams"
+        also = " (or 'top_k', 'top_p', 'min_p', which also apply temperature)" if name == "temperature" else ""
+        raise ValueError(
+            f"{name}={given[name]!r} needs a sampling sampler: sampler={sampler!r} {what} and would "
+            f"ignore it. Pass sampler={name!r}{also}, e.g. generate(..., sampler={name!r}, "
+            f"{name}={given[name]!r})."
+        )
+    if sampler == "beam":
+        return BeamSearch()
+    if sampler == "greedy":
+        return Sampler(greedy=True)
+    settings = {"temperature": 1.0, **given}
+    if sampler == "top_k" and "top_k" not in settings:
+        settings["top_k"] = 50
+    if sampler == "top_p" and "top_p" not in settings:
+        settings["top_p"] = 0.9
+    if sampler == "min_p" and "min_p" not in settings:
+        settings["min_p"] = 0.05
+    return Sampler(**settings)
+
+
+@dataclasses.dataclass(frozen=True)
+class BeamSearch:
+    """Keep the `num_beams` most likely continuations (sum of log-probs)."""
+
+    num_beams: int = 4
+
+    def __post_init__(self):
+        if isinstance(self.num_beams, bool) or not isinstance(self.num_beams, int) or self.num_beams < 1:
+            raise ValueError(f"num_beams must be a positive integer, got {self.num_beams!r}.")

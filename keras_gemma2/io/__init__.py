@@ -1,0 +1,1 @@
+"""File writing that never leaves half a file, and safetensors reading and writing."""

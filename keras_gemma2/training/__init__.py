@@ -1,0 +1,1 @@
+"""Training, distillation (online and offline), checkpoint merging and multi-device layouts."""

@@ -1,0 +1,332 @@
+"""Edge export: LiteRT / SavedModel signatures driven by the on-device runner (export/runner.py)."""
+
+import os
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import keras_gemma2
+from helpers import TINY, randomize_weights
+
+ON_TF = keras.backend.backend() == "tensorflow"
+needs_tf = pytest.mark.skipif(not ON_TF, reason="in-process export traces with TensorFlow; other backends go through a child process (tested once)")
+# Prompts shorter than, equal to and longer than the window (4): the ring is exercised in prefill and decode.
+PROMPTS = ([2, 5, 9], [2, 5, 9, 17, 33, 40, 41], list(range(2, 15)))
+CACHE = 24
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    keras.utils.set_random_seed(0)
+    model = keras_gemma2.Gemma2CausalLM(keras_gemma2.Gemma2Backbone(TINY))
+    return randomize_weights(model)
+
+
+def _reference(model, prompt):
+    tokens = model.generate(np.array([prompt]), max_new_tokens=CACHE - len(prompt), stop_token_ids=[])
+    return [int(t) for t in np.asarray(tokens[0])]
+
+
+@needs_tf
+@pytest.mark.parametrize("format", ["litert", "saved_model"])
+def test_float_export_generates_the_same_tokens(tiny_model, tmp_path, format, Runner):
+    path = tmp_path / ("m.tflite" if format == "litert" else "saved")
+    keras_gemma2.export(tiny_model, path, format=format, cache_length=CACHE, prefill_lengths=(4, 8, 16))
+    runner = Runner.load(str(path))
+    assert runner.metadata["cache_slots"] == [4, CACHE, 4]  # sliding layers: a ring of the window
+    for prompt in PROMPTS:
+        # Up to the last cache slot: decoding runs past the window many times over.
+        assert runner.generate(prompt, max_new_tokens=CACHE - len(prompt)) == _reference(tiny_model, prompt)
+
+
+@needs_tf
+def test_litert_file_uses_builtin_ops_only(tiny_model, tmp_path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    path = tmp_path / "m.tflite"
+    keras_gemma2.export(tiny_model, path, quantization="int8", cache_length=CACHE, prefill_lengths=(8,))
+    interpreter = Interpreter(model_path=str(path))
+    ops = {op["op_name"] for op in interpreter._get_ops_details()}
+    assert not {op for op in ops if op.startswith("Flex") or op in ("CUSTOM", "VAR_HANDLE", "READ_VARIABLE")}
+    assert set(interpreter.get_signature_list()) == {"prefill_8", "decode"}
+
+
+def _fc_weights(path):
+    """{tensor name: (int8 weights, scales, buffer)} of every fully-connected op in a .tflite."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    raw = np.fromfile(path, np.uint8)
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(raw, 0))
+    codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in model.operatorCodes]
+    found = {}
+    for subgraph in model.subgraphs:
+        for op in subgraph.operators:
+            if codes[op.opcodeIndex] == schema.BuiltinOperator.FULLY_CONNECTED:
+                tensor = subgraph.tensors[op.inputs[1]]
+                buffer = model.buffers[tensor.buffer]
+                data = raw[buffer.offset : buffer.offset + buffer.size] if buffer.offset > 1 else buffer.data
+                found[tensor.name.decode()] = (
+                    np.asarray(data).view(np.int8).reshape(tensor.shape),
+                    np.asarray(tensor.quantization.scale, np.float32),
+                    tensor.buffer,
+                )
+            if codes[op.opcodeIndex] == schema.BuiltinOperator.GATHER:
+                tensor = subgraph.tensors[op.inputs[0]]
+                if tensor.type == schema.TensorType.INT8:
+                    found["lookup"] = (None, None, tensor.buffer)
+    return found
+
+
+@needs_tf
+@pytest.mark.parametrize("weights", ["random", "initial"])
+def test_int8_export_writes_every_block_its_own_weights(tiny_model, tmp_path, weights, Runner):
+    """The int8 file is a converted two-block template with each block's weights written in."""
+    from keras_gemma2.edge import litert_weights
+    from keras_gemma2.edge.export import _export_here, plan_export
+
+    if weights == "initial":  # Keras' initializers: every norm scale 0 (a multiply by 1)
+        keras.utils.set_random_seed(1)
+        tiny_model = keras_gemma2.Gemma2CausalLM(keras_gemma2.Gemma2Backbone(TINY))
+
+    paths = {}
+    for stitch in (True, False):
+        paths[stitch] = str(tmp_path / f"stitch_{stitch}.tflite")
+        plan = plan_export(tiny_model, paths[stitch], "litert", "int8", CACHE, (8,))
+        _export_here(tiny_model.backbone, None, plan, [1], stitch=stitch)
+    weights = _fc_weights(paths[True])
+    reference = litert_weights.BlockWeights(tiny_model.backbone)
+    for block in range(TINY.num_layers):  # block 2 reads block 0's weights in the template
+        for name in litert_weights.PROJECTIONS:
+            q, scale, _ = weights[f"decoder_block_{block}/{name}"]
+            expected_q, expected_scale = litert_weights.quantize_channels(reference.projection(block, name))
+            np.testing.assert_array_equal(q, expected_q)
+            np.testing.assert_allclose(scale, expected_scale, rtol=1e-6)
+    # One copy of the embedding: the tied projection reads the token-lookup table.
+    assert weights["token_embedding/int8_table"][2] == weights["lookup"][2]
+    # Same greedy steps as converting the whole model directly.
+    ids = [2] + list(range(5, 25))
+    direct = Runner.load(paths[False]).teacher_forced_argmax(ids)
+    np.testing.assert_array_equal(Runner.load(paths[True]).teacher_forced_argmax(ids), direct)
+
+
+@needs_tf
+@pytest.mark.parametrize("broken, message", [
+    ("projection", "matches no block weight"),  # e.g. a converter that stopped folding the norm scale
+    ("logits_folds", "tied projection's weight"),
+])
+def test_int8_export_stops_when_its_quantization_disagrees_with_the_converter(
+    tiny_model, tmp_path, monkeypatch, broken, message
+):
+    from keras_gemma2.edge import litert_weights
+
+    original = getattr(litert_weights.BlockWeights, broken)
+    if broken == "projection":
+        replacement = lambda self, b, n: original(self, b, n) * 1.5  # noqa: E731
+    else:
+        replacement = lambda self: {k: (t * 1.5, r) for k, (t, r) in original(self).items()}  # noqa: E731
+    monkeypatch.setattr(litert_weights.BlockWeights, broken, replacement)
+    with pytest.raises(RuntimeError, match=message):
+        keras_gemma2.export(tiny_model, tmp_path / "m.tflite", quantization="int8", cache_length=CACHE,
+                            prefill_lengths=(8,))
+    assert not (tmp_path / "m.tflite").exists()
+
+
+@pytest.fixture(scope="module")
+def demo_teacher():
+    # A trained model with its own tokenizer and held-out text: quantization error is meaningful.
+    return keras_gemma2.from_preset("gemma2_demo_teacher", dtype="float32")
+
+
+def _held_out_ids(model):
+    from keras_gemma2.checkpoints import registry
+
+    directory = registry.get("gemma2_demo_teacher")["local"]
+    with open(os.path.join(directory, "held_out.txt"), encoding="utf-8") as f:
+        return model.tokenizer.tokenize(f.read()[:3000])[:200]
+
+
+@needs_tf
+def test_int8_litert_agrees_on_top1_and_is_a_quarter_of_float(demo_teacher, tmp_path, Runner):
+    ids = _held_out_ids(demo_teacher)
+    expected = np.asarray(demo_teacher({"token_ids": np.array([ids])}))[0].argmax(-1)[:-1]
+    sizes = {}
+    for quantization in (None, "int8"):
+        path = tmp_path / f"{quantization}.tflite"
+        keras_gemma2.export(demo_teacher, path, quantization=quantization, cache_length=256, prefill_lengths=(16,))
+        sizes[quantization] = os.path.getsize(path)
+        if quantization == "int8":  # vocabulary 2048: the lookup's row scales stay float32
+            from ai_edge_litert.interpreter import Interpreter
+
+            ops = {op["op_name"] for op in Interpreter(model_path=str(path))._get_ops_details()}
+            assert "DEQUANTIZE" not in ops
+        predicted = Runner.load(str(path)).teacher_forced_argmax(ids, prompt_length=1)
+        agreement = (predicted == expected).mean()
+        assert agreement >= (1.0 if quantization is None else 0.95), (quantization, agreement)
+    # One int8 copy of the embedding (lookup and projection share it): measured 0.26.
+    assert sizes["int8"] <= 0.28 * sizes[None], sizes
+    # Text in, text out, as an app: the runner tokenizes with the exported tokenizer file.
+    runner = Runner.load(str(tmp_path / "None.tflite"))
+    assert runner.generate("def ", max_new_tokens=12) == demo_teacher.generate("def ", max_new_tokens=12)
+    assert "".join(runner.stream("def ", max_new_tokens=12)) == runner.generate("def ", max_new_tokens=12)
+
+
+@needs_tf
+def test_int4_litert_through_ai_edge_quantizer(demo_teacher, tmp_path, Runner):
+    pytest.importorskip("ai_edge_quantizer")
+    paths = {q: tmp_path / f"{q}.tflite" for q in ("int8", "int4")}
+    for quantization, path in paths.items():
+        keras_gemma2.export(demo_teacher, path, quantization=quantization, cache_length=64, prefill_lengths=(16,))
+    assert os.path.getsize(paths["int4"]) < os.path.getsize(paths["int8"])
+    ids = _held_out_ids(demo_teacher)[:64]
+    expected = np.asarray(demo_teacher({"token_ids": np.array([ids])}))[0].argmax(-1)[:-1]
+    agreement = (Runner.load(str(paths["int4"])).teacher_forced_argmax(ids) == expected).mean()
+    assert agreement >= 0.6, agreement  # channel-wise int4 on a tiny model: measured 0.84 on 255 steps
+
+
+@needs_tf
+def test_int8_saved_model_holds_keras_quantized_weights(demo_teacher, tmp_path, Runner):
+    from keras_gemma2.edge.export import _directory_bytes
+
+    ids = _held_out_ids(demo_teacher)[:100]
+    quantized = keras_gemma2.from_preset("gemma2_demo_teacher", dtype="float32")
+    quantized.quantize("int8")
+    expected = np.asarray(quantized({"token_ids": np.array([ids])}))[0].argmax(-1)[:-1]
+    float_expected = np.asarray(demo_teacher({"token_ids": np.array([ids])}))[0].argmax(-1)[:-1]
+    sizes = {}
+    for quantization in (None, "int8"):
+        path = tmp_path / f"saved_{quantization}"
+        keras_gemma2.export(demo_teacher, path, format="saved_model", quantization=quantization,
+                            cache_length=128, prefill_lengths=(16,))
+        sizes[quantization] = _directory_bytes(path / "variables")
+    assert demo_teacher.backbone.token_embedding.quantization_mode is None  # the caller's model stays float
+    runner = Runner.load(str(tmp_path / "saved_int8"))
+    assert runner.metadata["quantization"] == "int8"
+    predicted = runner.teacher_forced_argmax(ids, prompt_length=1)
+    assert (predicted == expected).mean() >= 0.98  # the same int8 math as the Keras model
+    assert (predicted == float_expected).mean() >= 0.95
+    assert sizes["int8"] <= 0.32 * sizes[None], sizes
+
+
+@needs_tf
+def test_keras_quantized_model_exports_to_saved_model_but_not_litert(tmp_path, Runner):
+    keras.utils.set_random_seed(0)
+    model = randomize_weights(keras_gemma2.Gemma2CausalLM(keras_gemma2.Gemma2Backbone(TINY)))
+    model.quantize("int8")
+    with pytest.raises(ValueError, match="export the float model"):
+        keras_gemma2.export(model, tmp_path / "m.tflite", cache_length=CACHE, prefill_lengths=(8,))
+    with pytest.raises(ValueError, match="already quantized"):
+        keras_gemma2.export(model, tmp_path / "s", format="saved_model", quantization="int4",
+                            cache_length=CACHE, prefill_lengths=(8,))
+    keras_gemma2.export(model, tmp_path / "s", format="saved_model", cache_length=CACHE, prefill_lengths=(8,))
+    prompt = PROMPTS[1]
+    expected = model.generate(np.array([prompt]), max_new_tokens=6, stop_token_ids=[])
+    assert Runner.load(str(tmp_path / "s")).generate(prompt, max_new_tokens=6) == [
+        int(t) for t in np.asarray(expected[0])
+    ]
+
+
+@pytest.mark.skipif(ON_TF, reason="the child-process path is for non-TensorFlow backends")
+def test_export_from_another_backend_runs_a_tensorflow_child(tiny_model, tmp_path, Runner):
+    path = tmp_path / "m.tflite"
+    keras_gemma2.export(tiny_model, path, cache_length=CACHE, prefill_lengths=(16,))
+    prompt = PROMPTS[2]
+    assert Runner.load(str(path)).generate(prompt, max_new_tokens=8) == _reference(tiny_model, prompt)[:8]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"format": "onnx"}, "Unknown export format"),
+        ({"quantization": "int2"}, "Unknown quantization"),
+        ({"path": "model.bin"}, ".tflite suffix"),
+        ({"format": "saved_model", "path": "model.tflite"}, "SavedModel is a directory"),
+        ({"cache_length": 65}, "outside [1, 64]"),
+        ({"prefill_lengths": (8, 32)}, "exceed cache_length"),
+        ({"prefill_lengths": (0,)}, "positive integers"),
+    ],
+)
+def test_bad_arguments_fail_before_any_work(tiny_model, tmp_path, kwargs, message):
+    kwargs = {"path": "m.tflite", "cache_length": 16, **kwargs}
+    if kwargs.get("format") == "saved_model" and kwargs["path"] == "m.tflite":
+        kwargs["path"] = "saved"
+    kwargs["path"] = tmp_path / kwargs["path"]
+    with pytest.raises(ValueError, match=message.replace("[", r"\[")):
+        keras_gemma2.export(tiny_model, **kwargs)
+    assert os.listdir(tmp_path) == []  # nothing written
+
+
+def test_unwritable_path_and_unmerged_lora_are_refused(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = keras_gemma2.Gemma2CausalLM(keras_gemma2.Gemma2Backbone(TINY))
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(PermissionError, match="Choose a writable directory"):
+        keras_gemma2.export(model, blocker / "m.tflite", cache_length=16, prefill_lengths=(8,))
+    model.enable_lora(2)
+    with pytest.raises(ValueError, match="merge_lora"):
+        keras_gemma2.export(model, tmp_path / "m.tflite", cache_length=16, prefill_lengths=(8,))
+
+
+def test_cli_export_and_its_errors(tmp_path, capsys, Runner):
+    from keras_gemma2 import cli
+
+    path = tmp_path / "demo.tflite"
+    assert cli.main(["export", "--preset", "gemma2_demo", str(path), "--quantization", "int8",
+                     "--cache-length", "64", "--prefill-lengths", "16"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["demo.json", "demo.tflite", "demo.tokenizer.model"]
+    assert Runner.load(str(path)).generate("def ", max_new_tokens=4)
+    assert cli.main(["export", "--preset", "gemma2_demo", str(tmp_path / "x.tflite"), "--format", "onnx"]) == 2
+    assert "Unknown export format" in capsys.readouterr().err
+
+
+_EXPORT_SCRIPT = """
+import sys, keras, keras_gemma2
+from helpers import TINY, randomize_weights
+keras.utils.set_random_seed(0)
+model = randomize_weights(keras_gemma2.Gemma2CausalLM(keras_gemma2.Gemma2Backbone(TINY)))
+keras_gemma2.export(model, sys.argv[1], cache_length=16, prefill_lengths=(8,))
+"""
+
+
+def _processes_naming(text):
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def test_a_killed_export_leaves_no_staging_behind(tiny_model, tmp_path):
+    """Killed mid-export: its hidden staging (a full float copy, ~10 GB for the 2B) is removed by
+    the next export, and no orphaned child goes on converting."""
+    import signal
+    import subprocess
+    import time
+
+    from keras_gemma2.edge.export import STAGING_PREFIX
+
+    killed = tmp_path / "killed.tflite"
+    here = os.path.dirname(os.path.abspath(__file__))
+    process = subprocess.Popen([sys.executable, "-c", _EXPORT_SCRIPT, str(killed)], cwd=here,
+                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    deadline = time.time() + 300
+    while not any(n.startswith(STAGING_PREFIX) for n in os.listdir(tmp_path)):
+        assert process.poll() is None and time.time() < deadline, "the export never staged anything"
+        time.sleep(0.05)
+    time.sleep(1.0)  # into the export's work (the child process starts, on jax and torch)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert [n for n in os.listdir(tmp_path) if n.startswith(STAGING_PREFIX)]  # what a kill leaves
+    deadline = time.time() + 30
+    while _processes_naming(str(killed)):  # a child exporter dies with its parent
+        assert time.time() < deadline, "the export's child process outlived it"
+        time.sleep(0.2)
+
+    keras_gemma2.export(tiny_model, tmp_path / "m.tflite", cache_length=16, prefill_lengths=(8,))
+    assert sorted(os.listdir(tmp_path)) == ["m.json", "m.tflite"]

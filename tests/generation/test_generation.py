@@ -1,0 +1,300 @@
+"""generate(): cached decoding vs the full forward, the compiled loop, samplers, stops, streaming."""
+
+import keras
+import numpy as np
+import pytest
+
+from helpers import randomize_weights
+from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM, Gemma2Config, Gemma2Tokenizer
+from keras_gemma2 import backend
+from keras_gemma2.model import kv_cache
+from keras_gemma2.generation.samplers import BeamSearch
+
+TINY = Gemma2Config.from_preset("gemma2_tiny_test")  # sliding window 4
+WINDOW = TINY.sliding_window_size
+
+
+def tiny_model(config=TINY, seed=0, tokenizer=None):
+    model = Gemma2CausalLM(Gemma2Backbone(config), tokenizer=tokenizer)
+    return randomize_weights(model, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def full_forward_logits(model, sequence):
+    """Uncached forward logits [len, vocab]; right-padded to the context so one shape serves all."""
+    length = model.config.max_sequence_length
+    token_ids = np.zeros((1, length), "int32")
+    token_ids[0, : len(sequence)] = sequence
+    padding_mask = (np.arange(length) < len(sequence)).astype("int32")[None]
+    logits = model({"token_ids": token_ids, "padding_mask": padding_mask})
+    return keras.ops.convert_to_numpy(logits)[0, : len(sequence)].astype("float64")
+
+
+def full_forward_greedy(model, prompt, steps):
+    """The reference: re-run the uncached forward on the whole sequence at every step."""
+    sequence = list(prompt)
+    for _ in range(steps):
+        sequence.append(int(full_forward_logits(model, sequence)[-1].argmax()))
+    return sequence[len(prompt):]
+
+
+def full_forward_log_probs(model, prompt, continuation):
+    logits = full_forward_logits(model, list(prompt) + list(continuation))
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    return log_probs[len(prompt) - 1 : -1]
+
+
+# ---- the cache is exact ------------------------------------------------------------
+def test_cached_greedy_equals_full_forward_for_three_windows(model):
+    # Prompts shorter and longer than the window (the ring buffer wraps during prefill too).
+    prompts = [[3, 17, 29], [5, 9, 44, 81, 2, 60, 71, 8, 33], [100, 4]]
+    steps = 3 * WINDOW + 2
+    generated = model.generate(prompts, max_new_tokens=steps, stop_token_ids=())
+    for prompt, tokens in zip(prompts, generated):
+        expected = full_forward_greedy(model, prompt, steps)
+        assert tokens.tolist() == expected
+        assert len(set(expected)) > 4  # the test model does not just repeat a token
+
+
+def test_cache_lengths_and_bytes():
+    config = Gemma2Config.from_preset("gemma2_2b_en")
+    lengths = kv_cache.cache_lengths(config, 8192)
+    assert lengths[:4] == [4096, 8192, 4096, 8192] and len(lengths) == 26
+    sliding = kv_cache.cache_bytes(config, 1, 8192, "bfloat16")
+    full = kv_cache.cache_bytes(config, 1, 8192, "bfloat16", sliding=False)
+    assert full == 26 * 8192 * 2 * 4 * 256 * 2  # layers * positions * (k, v) * kv heads * head_dim * bytes
+    assert sliding / full == 0.75
+    caches = kv_cache.new_caches(TINY, 2, 20, "float32")
+    assert [tuple(c.shape) for c in caches] == [(2, 2, 2, 4, 16), (2, 2, 2, 20, 16), (2, 2, 2, 4, 16)]
+
+
+def test_window_override_at_generation(model):
+    prompt, steps = [7, 8, 9, 10, 11, 12], 10
+    generated = model.generate([prompt], max_new_tokens=steps, stop_token_ids=(), sliding_window_size=2)
+    narrow = Gemma2CausalLM(Gemma2Backbone(TINY.replace(sliding_window_size=2)))
+    narrow.set_weights(model.get_weights())
+    assert generated[0].tolist() == full_forward_greedy(narrow, prompt, steps)
+    assert generated[0].tolist() != model.generate([prompt], max_new_tokens=steps, stop_token_ids=())[0].tolist()
+
+
+def test_greedy_matches_transformers_generate(tmp_path):
+    import torch
+
+    from reference import random_hf_model, save_hf_checkpoint
+
+    import keras_gemma2
+
+    reference = random_hf_model(TINY, seed=11, scale=0.2)
+    with torch.no_grad():  # same recipe as randomize_weights: varied continuations
+        for name, parameter in reference.named_parameters():
+            if "post_" in name:
+                parameter.add_(5.0)
+    model = keras_gemma2.from_preset(save_hf_checkpoint(reference, str(tmp_path / "hf")))
+    prompt = [2, 40, 41, 42, 43, 44, 45]
+    steps = 3 * WINDOW + 1
+    with torch.no_grad():
+        expected = reference.generate(
+            torch.tensor([prompt]), max_new_tokens=steps, do_sample=False,
+            eos_token_id=None, pad_token_id=0, min_new_tokens=steps,
+        )[0, len(prompt):].tolist()
+    ours = model.generate(prompt, max_new_tokens=steps, stop_token_ids=())
+    assert ours.tolist() == expected
+    assert len(set(expected)) > 4
+
+
+# ---- compilation ------------------------------------------------------------------
+def test_one_compilation_per_bucket():
+    model = tiny_model()
+    model.generate([[5, 6, 7]], max_new_tokens=8, stop_token_ids=())
+    first = model.generator.compilations
+    model.generate([[9, 10, 11, 12, 13, 14, 15, 16, 17, 18]], max_new_tokens=8, stop_token_ids=())
+    model.generate([[1, 2]], max_new_tokens=8, stop_token_ids=())
+    if backend.compiles():
+        assert first == 2  # prefill + decode loop
+        assert model.generator.compilations == first  # same bucket (16): reused
+        model.generate([list(range(1, 20))], max_new_tokens=8, stop_token_ids=())  # bucket 32
+        assert model.generator.compilations == first + 2
+    else:
+        assert model.generator.compilations == 0  # torch runs eagerly
+    # Prefill runs over the prompt bucket, not over the generation length.
+    buckets = {key[1] for key in model.generator._functions}
+    assert buckets <= {16, 32}
+
+
+def test_no_forward_pass_after_the_last_token(monkeypatch):
+    """The first token comes from prefill; a decode step only feeds a token that is kept."""
+    model = tiny_model()
+    forwards = []
+    decode = kv_cache.decode
+    monkeypatch.setattr(kv_cache, "decode", lambda *a, **k: forwards.append(1) or decode(*a, **k))
+    model.generate([[5, 6, 7]], max_new_tokens=1, stop_token_ids=())
+    assert forwards == []
+    if backend.compiles():
+        assert model.generator.compilations == 1  # prefill only: the decode loop never ran
+        return
+    tokens = model.generate([5, 6, 7], max_new_tokens=6, stop_token_ids=()).tolist()
+    assert len(forwards) == 5
+    forwards.clear()
+    stop = tokens[2]
+    model.generate([[5, 6, 7]], max_new_tokens=6, stop_token_ids=[stop])
+    assert len(forwards) == tokens.index(stop)  # none after the stop token
+    forwards.clear()
+    model.generate([5, 6, 7], max_new_tokens=6, stop_token_ids=(), sampler=BeamSearch(num_beams=2))
+    assert len(forwards) == 5
+
+
+# ---- samplers -----------------------------------------------------------------------
+def test_samplers_that_reduce_to_greedy(model):
+    prompt = [[11, 22, 33]]
+    greedy = model.generate(prompt, max_new_tokens=6, stop_token_ids=())[0].tolist()
+    for settings in (
+        dict(sampler="top_k", top_k=1),
+        dict(sampler="top_p", top_p=1e-6),
+        dict(sampler="min_p", min_p=1.0),
+        dict(sampler="temperature", temperature=0.0),
+        dict(sampler=BeamSearch(num_beams=1)),
+    ):
+        assert model.generate(prompt, max_new_tokens=6, stop_token_ids=(), seed=3, **settings)[0].tolist() == greedy, settings
+
+
+def test_seeded_sampling_is_reproducible_and_varies_with_the_seed(model):
+    prompt = [[11, 22, 33]]
+    kwargs = dict(max_new_tokens=12, stop_token_ids=(), sampler="temperature", temperature=2.0)
+    first = model.generate(prompt, seed=7, **kwargs)[0].tolist()
+    assert model.generate(prompt, seed=7, **kwargs)[0].tolist() == first
+    others = {tuple(model.generate(prompt, seed=s, **kwargs)[0].tolist()) for s in range(8, 12)}
+    assert len(others | {tuple(first)}) > 2
+
+
+def test_top_k_only_picks_among_the_k_best_and_logprobs_are_exact(model):
+    prompt = [4, 8, 15, 16]
+    result = model.generate(
+        [prompt], max_new_tokens=10, stop_token_ids=(), sampler="top_k", top_k=3,
+        temperature=5.0, seed=1, return_logprobs=True,
+    )
+    tokens, logprobs = result.token_ids[0], result.logprobs[0]
+    reference = full_forward_log_probs(model, prompt, tokens)
+    for step, token in enumerate(tokens):
+        assert token in np.argsort(reference[step])[-3:]
+        assert logprobs[step] == pytest.approx(reference[step][token], abs=1e-4)
+
+
+def test_top_p_keeps_the_nucleus(model):
+    prompt = [4, 8, 15, 16]
+    tokens = model.generate([prompt], max_new_tokens=10, stop_token_ids=(), sampler="top_p",
+                            top_p=0.5, seed=2)[0]
+    reference = np.exp(full_forward_log_probs(model, prompt, tokens))
+    for step, token in enumerate(tokens):
+        order = np.argsort(reference[step])[::-1]
+        mass_before = np.cumsum(reference[step][order]) - reference[step][order]
+        assert token in order[mass_before < 0.5]
+
+
+def test_beam_search_is_exact_when_beams_cover_the_vocabulary():
+    config = TINY.replace(vocabulary_size=12)
+    model = tiny_model(config, seed=5)
+    prompt = [3, 4, 5]
+    result = model.generate([prompt], max_new_tokens=2, stop_token_ids=(),
+                            sampler=BeamSearch(num_beams=12), return_logprobs=True)
+    best, best_score = None, -np.inf
+    for first in range(12):
+        for second in range(12):
+            lp = full_forward_log_probs(model, prompt, [first, second])
+            score = lp[0][first] + lp[1][second]
+            if score > best_score:
+                best, best_score = [first, second], score
+    assert result.token_ids[0].tolist() == best
+    assert result.logprobs[0].sum() == pytest.approx(best_score, abs=1e-4)
+
+
+# ---- stopping, text, streaming, chat ------------------------------------------------------
+def test_rows_stop_at_their_own_stop_tokens(model):
+    prompts = [[3, 17, 29], [5, 9, 44, 81]]
+    free = model.generate(prompts, max_new_tokens=10, stop_token_ids=())
+    stop = int(free[0][3])  # row 0's 4th token
+    stopped = model.generate(prompts, max_new_tokens=10, stop_token_ids=[stop])
+    assert stopped[0].tolist() == free[0][:3].tolist()
+    row1 = free[1].tolist()
+    expected = row1[: row1.index(stop)] if stop in row1 else row1
+    assert stopped[1].tolist() == expected
+
+
+@pytest.fixture(scope="module")
+def text_model(sentencepiece_path):
+    return tiny_model(tokenizer=Gemma2Tokenizer(sentencepiece_path))
+
+
+def test_text_in_text_out_and_stop_strings(text_model):
+    text = text_model.generate("def add(a, b):", max_new_tokens=12, stop_token_ids=())
+    ids = text_model.generate([text_model.tokenizer("def add(a, b):")], max_new_tokens=12, stop_token_ids=())
+    assert text == text_model.tokenizer.detokenize(ids[0])
+    assert isinstance(text_model.generate(["a", "bb"], max_new_tokens=3), list)
+    stop = text[3:5]
+    cut = text_model.generate("def add(a, b):", max_new_tokens=12, stop_token_ids=(), stop_strings=[stop])
+    assert cut == text[: text.find(stop)]
+
+
+def test_streaming_yields_the_same_text_piece_by_piece(text_model):
+    full = text_model.generate("for i in range(", max_new_tokens=10, stop_token_ids=())
+    pieces = list(text_model.generate("for i in range(", max_new_tokens=10, stop_token_ids=(), stream=True))
+    assert "".join(pieces) == full and len(pieces) > 1
+    seen = []
+    assert text_model.generate("for i in range(", max_new_tokens=10, stop_token_ids=(), stream=seen.append) == full
+    assert seen == pieces
+
+
+def test_chat_uses_the_template_and_stops_at_end_of_turn(text_model):
+    tokenizer = text_model.tokenizer
+    messages = [{"role": "user", "content": "Hello"}]
+    prompt = tokenizer(tokenizer.apply_chat_template(messages))
+    free = text_model.generate([prompt], max_new_tokens=8, stop_token_ids=())[0].tolist()
+    answer = text_model.chat(messages, max_new_tokens=8, stop_token_ids=[free[2]])
+    assert answer == tokenizer.detokenize(free[:2]) or free[2] in free[:2]
+    # Default stop ids are looked up by piece: <eos> and <end_of_turn>.
+    assert set(text_model._default_stop_ids()) == {tokenizer.eos_token_id, tokenizer.end_of_turn_id}
+
+
+# ---- bad input: clear errors before any compilation ----------------------------------------
+@pytest.mark.parametrize(
+    "inputs, kwargs, message",
+    [
+        ([[]], {}, "Empty prompt"),
+        ([list(range(1, 11))], {"max_length": 10}, r"prompt \(10 tokens\) leaves no room"),
+        ([[1, 2]], {"max_length": 65}, "max_length 65 exceeds the model's max_sequence_length 64"),
+        ([[1, 2]], {"max_new_tokens": 63}, r"exceeds the model's max_sequence_length 64"),
+        ([[1, 2]], {"sampler": "temperature", "temperature": -1.0}, "temperature must be >= 0"),
+        ([[1, 2]], {"sampler": "top_p", "top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ([[1, 2]], {"sampler": "top_p", "top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ([[1, 2]], {"sampler": "top_k", "top_k": 0}, "top_k must be a positive integer"),
+        ([[1, 2]], {"sampler": "nucleus"}, "Unknown sampler 'nucleus'"),
+        ([[1, 2]], {"stop_token_ids": [500]}, r"stop_token_ids \[500\] lie outside the vocabulary"),
+        ([[1, 2], "text"], {}, "all strings or all token-id lists"),
+        (["text", [1, 2]], {}, "all strings or all token-id lists"),
+        ([[1, 200]], {}, r"Prompt token ids must lie in \[0, 128\)"),
+        ([[1, 2]], {"sliding_window_size": 0}, "sliding_window_size must be an integer"),
+    ],
+)
+def test_bad_generation_requests(inputs, kwargs, message):
+    model = tiny_model()
+    with pytest.raises(ValueError, match=message):
+        model.generate(inputs, **kwargs)
+    assert model.generator.compilations == 0
+
+
+def test_empty_text_prompt(text_model):
+    with pytest.raises(ValueError, match="Empty prompt"):
+        text_model.generate("")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_generation_uses_a_compute_dtype_cache(dtype):
+    model = Gemma2CausalLM(Gemma2Backbone(TINY, dtype=dtype))
+    randomize_weights(model)
+    tokens = model.generate([[3, 4, 5]], max_new_tokens=6, stop_token_ids=())[0]
+    assert len(tokens) == 6 and (0 <= tokens).all() and (tokens < TINY.vocabulary_size).all()
+    assert model.kv_cache_bytes(1, 22) == kv_cache.cache_bytes(TINY, 1, 22, dtype)
+    assert model.kv_cache_bytes(1, 22) * 2 == kv_cache.cache_bytes(TINY, 1, 22, "float32")

@@ -1,0 +1,40 @@
+"""Staging folders: a killed writer's leftovers are removed by the next writer, a live one's never."""
+
+import os
+import subprocess
+import sys
+
+from keras_gemma2.io import atomic
+
+
+def _staging_left_by_a_killed_process(parent, prefix):
+    """A staging folder whose process was killed before it could clean up."""
+    script = (
+        "import os, sys; from keras_gemma2.io import atomic; "
+        "atomic.staging_directory(sys.argv[1], sys.argv[2]); os._exit(9)"
+    )
+    subprocess.run([sys.executable, "-c", script, str(parent), prefix], check=False,
+                   env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    (left,) = [n for n in os.listdir(parent) if n.startswith(prefix)]
+    return left
+
+
+def test_the_next_staging_removes_a_killed_runs_folder(tmp_path):
+    prefix = ".keras_gemma2-test-"
+    dead = _staging_left_by_a_killed_process(tmp_path, prefix)
+    (tmp_path / dead / "weights.bin").write_bytes(b"\0" * 1024)
+    live = atomic.staging_directory(tmp_path, prefix)  # this process: alive
+    other = tmp_path / ".other-tool-123-x"  # another prefix: never touched
+    other.mkdir()
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(live), other.name])
+    atomic.staging_directory(tmp_path, prefix)
+    assert os.path.isdir(live)  # a running process's staging is kept
+
+
+def test_staging_folders_get_the_umask_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = atomic.staging_directory(tmp_path, ".keras_gemma2-test-")
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o755

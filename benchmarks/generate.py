@@ -1,6 +1,11 @@
 """Generation speed of keras_gemma2 (jax / tensorflow / torch) against keras-hub and transformers.
 
     PYTHONPATH=. python benchmarks/generate.py [--repeats 3] [--prompt 64] [--new 32] [--threads auto]
+        [--baseline DIR]
+
+`--baseline DIR` (a source tree of another revision, e.g. from `git worktree add DIR REV`)
+adds that revision's keras_gemma2 on every backend to the same interleaved rounds, so a
+change is measured against what it replaced under the same machine drift.
 
 One ~150M-parameter Gemma 2 with random float32 weights (vocabulary 32000, so it fits a
 small CPU) is written once, in a temporary directory, as a KerasHub preset. Every system
@@ -172,8 +177,12 @@ def own_split(model, args):
     import keras
     import numpy as np
 
-    from keras_gemma2.generation import generator as generation
-    from keras_gemma2.generation.samplers import Sampler
+    try:
+        from keras_gemma2.generation import generator as generation
+        from keras_gemma2.generation.samplers import Sampler
+    except ImportError:  # a --baseline tree from before the package had folders
+        from keras_gemma2 import generation
+        from keras_gemma2.samplers import Sampler
 
     config = model.config
     split = {}
@@ -283,8 +292,8 @@ def prepare(args):
             "layers": real.num_layers,
             "window": real.sliding_window_size,
             "context": context,
-            "sliding": kv_cache.cache_bytes(real, 1, context, "bfloat16", sliding=True),
-            "full": kv_cache.cache_bytes(real, 1, context, "bfloat16", sliding=False),
+            "sliding": kv_cache.CacheLayout.rings(real, context).bytes(real, 1, "bfloat16"),
+            "full": kv_cache.CacheLayout.full(real, context).bytes(real, 1, "bfloat16"),
         },
     }
 
@@ -424,7 +433,8 @@ def worker(args):
         with open(args.output, "w") as f:
             json.dump(prepare(args), f)
         return
-    {"ours": worker_ours, "kerashub": worker_kerashub, "transformers": worker_transformers,
+    {"ours": worker_ours, "baseline": worker_ours, "kerashub": worker_kerashub,
+     "transformers": worker_transformers,
      "bandwidth": worker_bandwidth, "ceiling": worker_matmul_ceiling}[kind](args)
 
 
@@ -464,7 +474,8 @@ def worker_command(kind, backend, args, output=None):
     if output:
         command += ["--output", output]
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    root = args.baseline if kind == "baseline" else ROOT
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     if backend:
         env["KERAS_BACKEND"] = backend
@@ -670,6 +681,14 @@ def main(args):
         print(line, flush=True)
         lines.append(line)
 
+    global SYSTEMS
+    if args.baseline:
+        args.baseline = os.path.abspath(args.baseline)
+        revision = subprocess.run(["git", "-C", args.baseline, "rev-parse", "--short", "HEAD"],
+                                  capture_output=True, text=True).stdout.strip() or args.baseline
+        ours = [entry for entry in SYSTEMS if entry[1] == "ours"]
+        SYSTEMS = (*ours, *[(f"{label} [baseline {revision}]", "baseline", backend)
+                            for label, _, backend in ours], *SYSTEMS[len(ours):])
     started = time.perf_counter()
     command = "cd " + shlex.quote(os.getcwd()) + " && " + " ".join(
         shlex.quote(part) for part in ([("PYTHONPATH=" + os.environ["PYTHONPATH"])] if os.environ.get("PYTHONPATH") else [])
@@ -833,6 +852,7 @@ def parse(argv=None):
     parser.add_argument("--threads", default="auto",
                         help="CPUs per system: 'auto' = the cores other processes leave free "
                         "(sampled at start; oversubscribed torch slows down ~10x), or a number")
+    parser.add_argument("--baseline", help="source tree of another revision to time alongside")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--weight-bytes", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)

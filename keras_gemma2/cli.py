@@ -14,9 +14,13 @@ import os
 import sys
 import time
 
+import keras_gemma2
 from keras_gemma2 import cli_startup
+from keras_gemma2.edge import plan as export_plan
+from keras_gemma2.edge.export import CHILD_OPTION, STOP_IDS_OPTION, run_export_child
 from keras_gemma2.io import atomic
-from keras_gemma2.edge.export import CACHE_LENGTH_TEXT, PREFILL_LENGTHS_TEXT, export_lengths
+from keras_gemma2.training import data, merging, offline_distillation, trainer
+from keras_gemma2.training.distillation import Distiller
 from keras_gemma2.version import __version__
 
 EXIT_UNEXPECTED = 1
@@ -27,23 +31,17 @@ DEBUG_VARIABLE = "KERAS_GEMMA2_DEBUG"
 
 
 def _presets(args):
-    from keras_gemma2 import list_presets
-
-    for name, description in list_presets().items():
+    for name, description in keras_gemma2.list_presets().items():
         print(f"{name:32s} {description}")
 
 
 def _info(args):
-    from keras_gemma2 import Gemma2Config
-
-    config = Gemma2Config.from_preset(args.preset)
+    config = keras_gemma2.Gemma2Config.from_preset(args.preset)
     print(json.dumps({**config.to_dict(), "parameter_count": config.parameter_count()}, indent=2))
 
 
 def _score(args):
     import numpy as np
-
-    import keras_gemma2
 
     model = keras_gemma2.from_preset(args.preset, dtype=args.dtype)
     if model.tokenizer is None:
@@ -99,8 +97,6 @@ def _generation_kwargs(args):
 
 
 def _load_for_text(args):
-    import keras_gemma2
-
     model = keras_gemma2.from_preset(args.preset, dtype=args.dtype)
     if model.tokenizer is None:
         raise ValueError(f"Preset {args.preset!r} has no tokenizer; text generation needs one.")
@@ -116,13 +112,17 @@ def _generate(args):
 
 
 def _export(args):
-    import keras_gemma2
-
+    if args.tensorflow_child:  # started by an export under JAX or PyTorch (edge/export.py)
+        run_export_child(args.preset, args.path, args.format, args.quantization, args.cache_length,
+                         args.prefill_lengths, args.stop_ids)
+        return None  # the status main() returns: 0 (the path is not an exit status)
     progress = _ExportProgress()
     progress.note(f"loading {args.preset}")
     model = keras_gemma2.from_preset(args.preset, dtype="float32")
     # Unset lengths come from the model (export_lengths, as for the library's export()).
-    cache_length, prefill_lengths = export_lengths(model.config, args.cache_length, args.prefill_lengths)
+    cache_length, prefill_lengths = export_plan.export_lengths(
+        model.config, args.cache_length, args.prefill_lengths
+    )
     progress.note(f"cache length {cache_length}, prefill buckets {' '.join(map(str, prefill_lengths))}")
     path = keras_gemma2.export(
         model, args.path, format=args.format, quantization=args.quantization,
@@ -179,7 +179,6 @@ def _chat(args):
 
 
 def _merge(args):
-    from keras_gemma2.training import merging
 
     _check_new_preset_path(args.out, "--out")  # before reading any checkpoint
     if args.base is not None:
@@ -321,7 +320,6 @@ def _check_output_paths(args):
 
 def _check_resume(args):
     """A checkpoint beyond --steps (steps are a total) is refused before any model is loaded."""
-    from keras_gemma2.training import trainer
 
     saved = trainer.checkpoint_step(args.checkpoint_dir)
     if saved is not None and saved > args.steps:
@@ -349,8 +347,6 @@ def _model_with_tokenizer(preset, tokenizer_path, dtype, role="model", fallback=
     import json
     import os
 
-    import keras_gemma2
-
     if preset.endswith(".json") and os.path.isfile(preset):
         try:
             with open(preset) as f:
@@ -373,8 +369,6 @@ def _model_with_tokenizer(preset, tokenizer_path, dtype, role="model", fallback=
 
 
 def _run_training(args, model, student, batches=None, texts=None):
-    from keras_gemma2.training import data
-    from keras_gemma2.training import trainer
 
     if batches is None:
         batches = data.token_stream(student.tokenizer, texts or data.read_texts(args.data))
@@ -409,7 +403,6 @@ def _run_training(args, model, student, batches=None, texts=None):
 
 def _finish(args, student, history):
     """Save the model first, then the plot; if either fails the model still ends up on disk."""
-    from keras_gemma2.training import trainer
 
     problems, saved = [], False
     if args.out:
@@ -453,7 +446,6 @@ def _rescue(args, student):
 def _train(args):
     import keras
 
-    from keras_gemma2.training import data
 
     _check_training_args(args)
     _check_output_paths(args)
@@ -470,8 +462,6 @@ def _distill(args):
 
     import keras
 
-    from keras_gemma2.training import data
-    from keras_gemma2.training.distillation import Distiller
 
     _check_training_args(args)
     _check_output_paths(args)
@@ -502,7 +492,6 @@ def _distill(args):
             )
     optimizer = keras.optimizers.AdamW(args.learning_rate, weight_decay=0.01)
     if args.offline_store:
-        from keras_gemma2.training import offline_distillation
 
         if args.top_k > teacher.config.vocabulary_size:
             raise ValueError(
@@ -674,17 +663,17 @@ def build_parser():
         "export", help="LiteRT (.tflite) or SavedModel with prefill/decode signatures"
     )
     export.add_argument("--preset", required=True, help="name, directory, kaggle:// or hf:// handle")
-    export.add_argument("path", help="a .tflite file (litert) or a new directory (saved_model)")
-    export.add_argument("--format", default="litert", help="litert or saved_model")
-    export.add_argument("--quantization", default=None, help="int8 or int4 (default: none, float32)")
-    export.add_argument(
-        "--cache-length", type=int, default=None,
-        help=f"positions the KV cache holds, prompt plus generated tokens (default: {CACHE_LENGTH_TEXT})",
-    )
-    export.add_argument(
-        "--prefill-lengths", type=int, nargs="+", default=None,
-        help=f"static prompt buckets, each at most the cache length (default: {PREFILL_LENGTHS_TEXT})",
-    )
+    # Defaults and help texts: edge/plan.py's, the library export()'s.
+    export.add_argument("path", help=export_plan.HELP["path"])
+    export.add_argument("--format", default=export_plan.DEFAULT_FORMAT, help=export_plan.HELP["format"])
+    export.add_argument("--quantization", default=export_plan.DEFAULT_QUANTIZATION,
+                        help=export_plan.HELP["quantization"])
+    export.add_argument("--cache-length", type=int, default=None, help=export_plan.HELP["cache_length"])
+    export.add_argument("--prefill-lengths", type=int, nargs="+", default=None,
+                        help=export_plan.HELP["prefill_lengths"])
+    # Hidden: what only the TensorFlow child of an export under another backend needs.
+    export.add_argument(CHILD_OPTION, action="store_true", help=argparse.SUPPRESS)
+    export.add_argument(STOP_IDS_OPTION, type=int, nargs="*", default=None, help=argparse.SUPPRESS)
     export.set_defaults(run=_export)
 
     merge = commands.add_parser(

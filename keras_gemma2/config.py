@@ -8,6 +8,8 @@ import dataclasses
 import json
 import math
 
+from keras_gemma2.checkpoints import presets
+
 
 @dataclasses.dataclass(frozen=True)
 class Gemma2Config:
@@ -125,13 +127,7 @@ class Gemma2Config:
     @classmethod
     def from_preset(cls, preset):
         """The architecture of a registered preset (no download) or a checkpoint directory."""
-        from keras_gemma2.checkpoints import registry
-
-        if isinstance(preset, str) and preset in registry.names():
-            return cls.from_dict(registry.get(preset)["config"])
-        from keras_gemma2.checkpoints.presets import read_checkpoint, resolve_preset
-
-        return read_checkpoint(resolve_preset(preset))[0]
+        return presets.read_preset(preset, cls, load_weights=False)[0]
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)

@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 
+from keras_gemma2.checkpoints import presets
 from keras_gemma2.io.atomic import atomic_write
 
 _PAD, _EOS, _BOS, _UNK = "<pad>", "<eos>", "<bos>", "<unk>"
@@ -53,9 +54,7 @@ class Gemma2Tokenizer:
     @classmethod
     def from_preset(cls, preset):
         """Load the tokenizer stored with a preset (name or directory)."""
-        from keras_gemma2.checkpoints.presets import load_tokenizer
-
-        return load_tokenizer(preset)
+        return cls(presets.tokenizer_file(preset))
 
     def _lookup(self, piece):
         # sentencepiece maps an unknown piece to the unk id, so confirm the
@@ -256,6 +255,22 @@ class Gemma2Tokenizer:
         return text
 
     # ---------------------------------------------------------- chat template
+
+    @staticmethod
+    def chat_format():
+        """Gemma's turn format as data, for a runtime that renders turns itself (export's metadata).
+
+        A dict: "turn", a `str.format` template with `{role}` and `{content}`
+        (one turn, as `apply_chat_template` writes it); "generation_prompt",
+        what opens the model's turn; "roles", each accepted role's name in the
+        turn ("assistant" is "model"). A system message is merged into the
+        first user turn (see `apply_chat_template`).
+        """
+        return {
+            "turn": f"{_START_OF_TURN}{{role}}\n{{content}}{_END_OF_TURN}\n",
+            "generation_prompt": f"{_START_OF_TURN}model\n",
+            "roles": dict(_ROLE_ALIASES),
+        }
 
     def apply_chat_template(self, messages, add_generation_prompt=True):
         """Render a conversation in Gemma's turn format (without "<bos>").

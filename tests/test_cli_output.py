@@ -95,6 +95,8 @@ def test_every_option_in_every_command_states_its_default():
         for action in command._actions:
             if not action.option_strings or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
                 continue
+            if action.help == argparse.SUPPRESS:  # hidden (export's child options): not in --help
+                continue
             formatter = command._get_formatter()
             formatter.add_argument(action)
             text = " ".join(formatter.format_help().split())

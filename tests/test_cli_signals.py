@@ -43,7 +43,7 @@ def endless_preset(tmp_path_factory, sentencepiece_path):
     )
     embeddings = model.backbone.token_embedding.embeddings
     table = keras.ops.convert_to_numpy(embeddings).copy()
-    table[model._default_stop_ids()] = 0.0
+    table[model.default_stop_token_ids()] = 0.0
     embeddings.assign(table)
     path = str(tmp_path_factory.mktemp("cli_signals") / "preset")
     model.save_to_preset(path)

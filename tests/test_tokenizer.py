@@ -2,14 +2,13 @@
 
 import os
 import pickle
-import sys
-import types
 
 import numpy as np
 import pytest
 
 from helpers import TINY
 from helpers import TEST_VOCABULARY_SIZE, train_test_sentencepiece
+from keras_gemma2.checkpoints import presets
 from keras_gemma2.tokenizer import Gemma2Tokenizer
 
 ROUND_TRIP_TEXTS = [
@@ -414,16 +413,14 @@ def test_pickle_round_trip(proto):
     assert clone.tokenize("Hello") == tok.tokenize("Hello")
 
 
-def test_from_preset_delegates_to_checkpoints(monkeypatch, proto):
+def test_from_preset_delegates_to_checkpoints(monkeypatch, sentencepiece_path):
     calls = []
-    fake = types.ModuleType("keras_gemma2.checkpoints")
 
-    def load_tokenizer(preset):
+    def tokenizer_file(preset):
         calls.append(preset)
-        return Gemma2Tokenizer(proto)
+        return sentencepiece_path
 
-    fake.load_tokenizer = load_tokenizer
-    monkeypatch.setitem(sys.modules, "keras_gemma2.checkpoints", fake)
+    monkeypatch.setattr(presets, "tokenizer_file", tokenizer_file)
     tok = Gemma2Tokenizer.from_preset("gemma2_tiny_test")
     assert calls == ["gemma2_tiny_test"]
     assert isinstance(tok, Gemma2Tokenizer)
@@ -473,6 +470,21 @@ def test_chat_template_assistant_alias(tokenizer):
         "<start_of_turn>user\nBye<end_of_turn>\n"
         "<start_of_turn>model\n"
     )
+
+
+def test_chat_format_renders_what_apply_chat_template_does(tokenizer):
+    """The turn format as data (export's metadata, an on-device runner) is apply_chat_template's."""
+    chat = tokenizer.chat_format()
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Bye"},
+    ]
+    rendered = "".join(
+        chat["turn"].format(role=chat["roles"][m["role"]], content=m["content"]) for m in messages
+    )
+    assert rendered + chat["generation_prompt"] == tokenizer.apply_chat_template(messages)
+    assert type(tokenizer).chat_format() == chat  # no tokenizer file needed
 
 
 def _render_official(messages, add_generation_prompt):

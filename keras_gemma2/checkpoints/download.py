@@ -2,6 +2,8 @@
 
 import os
 
+from keras_gemma2.io import safetensors_files
+
 
 class DownloadError(RuntimeError):
     pass
@@ -30,6 +32,13 @@ def in_download_cache(path):
         if path == root or path.startswith(root + os.sep):
             return True
     return False
+
+
+def repair_hint(path, missing=False):
+    """The fix for a bad or missing file: download again only where it was downloaded."""
+    if in_download_cache(path):
+        return "Delete the preset's folder from the download cache and download the preset again."
+    return safetensors_files.repair_hint(path, missing)
 
 
 def fetch(handle):

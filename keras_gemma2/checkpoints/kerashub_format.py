@@ -18,8 +18,8 @@ import os
 
 import numpy as np
 
-from keras_gemma2.io.safetensors_files import CorruptFileError, repair_hint
-from keras_gemma2.config import Gemma2Config
+from keras_gemma2.checkpoints.download import repair_hint
+from keras_gemma2.io.safetensors_files import CorruptFileError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.weights.h5"
@@ -50,8 +50,8 @@ def _not_weights(path, error, what=""):
 
 
 # ---- config ------------------------------------------------------------------
-def config_from_kerashub(serialized, source=CONFIG_FILE):
-    """Gemma2Config from a serialized keras-hub GemmaBackbone (config.json's dict).
+def config_from_kerashub(serialized, config_class, source=CONFIG_FILE):
+    """A `config_class` (Gemma2Config) from a serialized keras-hub GemmaBackbone (config.json's dict).
 
     keras-hub's `intermediate_dim` is the width of both feed-forward branches
     together; ours is one branch. Its query scale is 1/sqrt(head_dim) with
@@ -122,7 +122,7 @@ def config_from_kerashub(serialized, source=CONFIG_FILE):
     else:
         query_pre_attn_scalar = hidden // query_heads
     try:
-        return Gemma2Config(
+        return config_class.from_dict(dict(
             vocabulary_size=fields["vocabulary_size"],
             num_layers=fields["num_layers"],
             hidden_dim=hidden,
@@ -137,7 +137,7 @@ def config_from_kerashub(serialized, source=CONFIG_FILE):
             rope_max_wavelength=ROPE_MAX_WAVELENGTH,
             layer_norm_epsilon=fields.get("layer_norm_epsilon", 1e-6),
             max_sequence_length=MAX_SEQUENCE_LENGTH,
-        )
+        ))
     except (TypeError, ValueError) as error:
         raise ValueError(f"{source}: {error}") from error
 
@@ -250,7 +250,7 @@ def _in_out_to_out_in(array):
     return array.T
 
 
-def weight_layout(config):
+def h5_layout(config):
     """[(our variable path, h5 dataset path, transform, expected h5 shape)]."""
     h, inter, d = config.hidden_dim, config.intermediate_dim, config.head_dim
     q, kv = config.num_query_heads, config.num_key_value_heads
@@ -329,8 +329,8 @@ def _lazy(path, name, shape, transform):
     return load
 
 
-def read_kerashub_preset(directory):
-    """(Gemma2Config, {our variable path: zero-argument callable -> numpy array}).
+def read_kerashub_preset(directory, config_class):
+    """(config_class instance, {our variable path: zero-argument callable -> numpy array}).
 
     Everything is checked before any tensor is read: the config is Gemma 2,
     the weight files exist and open, every tensor is present with the shape
@@ -345,7 +345,7 @@ def read_kerashub_preset(directory):
         raise FileNotFoundError(f"KerasHub preset {directory} has no {CONFIG_FILE}.") from None
     except ValueError as error:
         raise ValueError(f"{config_path} is not valid JSON: {error}.") from error
-    config = config_from_kerashub(serialized, config_path)
+    config = config_from_kerashub(serialized, config_class, config_path)
 
     files = weight_files(directory)
     datasets = index_datasets(files)
@@ -357,7 +357,7 @@ def read_kerashub_preset(directory):
             f"{where} holds {blocks} decoder blocks but {config_path} says num_layers="
             f"{config.num_layers}. The weights and config.json come from different presets."
         )
-    layout = weight_layout(config)
+    layout = h5_layout(config)
     missing = [name for _, name, _, _ in layout if name not in datasets]
     if missing:
         raise ValueError(

@@ -7,8 +7,6 @@ The same layout is this library's own save format, so a directory written by
 import json
 import os
 
-from keras_gemma2.config import Gemma2Config
-
 HF_MODEL_TYPE = "gemma2"
 OTHER_MODEL_TYPES_HINT = {
     "gemma": "Gemma 1 (no soft-caps, no sliding window)",
@@ -22,8 +20,8 @@ REQUIRED_HF_FIELDS = (
 )
 
 
-def config_from_hf(hf_config, source="config.json"):
-    """Gemma2Config from a transformers Gemma2Config dict."""
+def config_from_hf(hf_config, config_class, source="config.json"):
+    """A `config_class` (Gemma2Config) from a transformers Gemma2Config dict."""
     model_type = hf_config.get("model_type")
     if model_type != HF_MODEL_TYPE:
         what = OTHER_MODEL_TYPES_HINT.get(model_type, "not Gemma 2")
@@ -50,7 +48,7 @@ def config_from_hf(hf_config, source="config.json"):
     heads = hf_config["num_attention_heads"]
     try:  # a wrong type (e.g. a string) would otherwise fail inside Gemma2Config or below
         head_dim = hf_config.get("head_dim") or hidden // heads
-        return Gemma2Config(
+        return config_class.from_dict(dict(
             vocabulary_size=hf_config["vocab_size"],
             num_layers=hf_config["num_hidden_layers"],
             hidden_dim=hidden,
@@ -65,7 +63,7 @@ def config_from_hf(hf_config, source="config.json"):
             rope_max_wavelength=hf_config.get("rope_theta", 10000.0),
             layer_norm_epsilon=hf_config.get("rms_norm_eps", 1e-6),
             max_sequence_length=hf_config.get("max_position_embeddings", 8192),
-        )
+        ))
     except (TypeError, ValueError, ZeroDivisionError) as error:
         raise ValueError(f"{source}: {error}") from error
 
@@ -103,7 +101,7 @@ def config_to_hf(config, torch_dtype="float32", special_ids=None):
     }
 
 
-def weight_layout(config):
+def tensor_names(config):
     """[(keras variable path, hf tensor name)] for every weight.
 
     The arrays are the same in both: projections are (out_features,

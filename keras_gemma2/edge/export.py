@@ -10,8 +10,8 @@ artifact therefore has
 * `decode`: `token` int32 [1, 1], `position` int32 [] (the token's index in
   the text) and the caches -> `logits` and the updated caches.
 
-Both trace the same `kv_cache.prefill` / `kv_cache.decode` (and so the same
-Gemma2Attention) as `Gemma2CausalLM.generate`. Layer l's cache is
+Both trace the model's one cached forward (`Gemma2Backbone.forward_pass`),
+as `Gemma2CausalLM.generate` does. Layer l's cache is
 [1, 2, kv_heads, slots_l, head_dim]: global layers hold `cache_length` slots,
 sliding layers a ring of min(window, cache_length) slots (position p in slot
 p % slots). Shapes are static and the ops are TFLite builtins only, so the
@@ -23,8 +23,6 @@ KERAS_BACKEND=tensorflow (a process has one Keras backend).
 """
 
 import collections
-import contextlib
-import dataclasses
 import os
 import shutil
 import subprocess
@@ -32,47 +30,25 @@ import sys
 import time
 
 import keras
-import numpy as np
 
-from keras_gemma2.model import kv_cache
+from keras_gemma2.causal_lm import Gemma2CausalLM
 from keras_gemma2.edge import litert_weights
-from keras_gemma2 import tokenizer as tokenizer_module
+from keras_gemma2.edge.litert_conversion import convert_file, quantize_int4
+from keras_gemma2.edge.plan import DEFAULT_FORMAT, DEFAULT_QUANTIZATION, METADATA_NAME, plan_export
+from keras_gemma2.edge.signatures import build_signatures, metadata
+from keras_gemma2.io.atomic import staging_directory
 from keras_gemma2.io.safetensors_files import write_json
-from keras_gemma2.io.atomic import probe_write, staging_directory
+from keras_gemma2.model.quantization import quantization_modes
 
-FORMATS = ("litert", "saved_model")
-QUANTIZATIONS = (None, "int8", "int4")
-DEFAULT_CACHE_LENGTH = 1024
-DEFAULT_PREFILL_LENGTHS = (32, 128, 512)
-# What export_lengths derives, for help texts (the CLI's --cache-length / --prefill-lengths).
-CACHE_LENGTH_TEXT = f"min({DEFAULT_CACHE_LENGTH}, the model's context length)"
-PREFILL_LENGTHS_TEXT = (
-    f"those of {' '.join(map(str, DEFAULT_PREFILL_LENGTHS))} that fit the cache, "
-    "or the cache length if none does"
-)
-METADATA_NAME = "keras_gemma2_export.json"
 # Hidden folders beside the output while an export runs (files.staging_directory).
 STAGING_PREFIX = ".keras_gemma2-export-"
-# Above this the flatbuffer's 2 GB limit needs weights stored after it (buffer offsets).
-_LARGE_MODEL_BYTES = 1 << 30
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportPlan:
-    """Checked export arguments (everything is validated before any tracing)."""
-
-    path: str
-    format: str
-    quantization: object
-    cache_length: int
-    prefill_lengths: tuple
 
 
 def export(
     model,
     path,
-    format="litert",
-    quantization=None,
+    format=DEFAULT_FORMAT,
+    quantization=DEFAULT_QUANTIZATION,
     cache_length=None,
     prefill_lengths=None,
     progress=None,
@@ -100,271 +76,8 @@ def export(
     return _export_in_child(model, plan, progress)
 
 
-def export_lengths(config, cache_length=None, prefill_lengths=None):
-    """(cache_length, prefill_lengths) with the unset ones derived from the model's `config`.
-
-    The one place export's defaults are decided (export(), export_preset and the
-    CLI use it): the cache holds min(1024, max_sequence_length) positions, so a
-    512-context model exports with its defaults; the buckets are the default ones
-    that fit that cache, or the cache length itself when none does. Given values
-    are returned as they are (plan_export checks them).
-    """
-    if cache_length is None:
-        cache_length = min(DEFAULT_CACHE_LENGTH, config.max_sequence_length)
-    if prefill_lengths is None:
-        fitting = isinstance(cache_length, (int, np.integer)) and not isinstance(cache_length, bool)
-        prefill_lengths = tuple(p for p in DEFAULT_PREFILL_LENGTHS if fitting and p <= cache_length)
-        prefill_lengths = prefill_lengths or (cache_length,)
-    elif isinstance(prefill_lengths, list):
-        prefill_lengths = tuple(prefill_lengths)
-    return cache_length, prefill_lengths
-
-
-def plan_export(model, path, format, quantization, cache_length, prefill_lengths):
-    """Validate every argument; raise ValueError naming the problem and the fix."""
-    from keras_gemma2.model import lora
-
-    if format not in FORMATS:
-        raise ValueError(f"Unknown export format {format!r}; use one of {FORMATS}.")
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(
-            f"Unknown quantization {quantization!r}; use None (float32), 'int8' or 'int4'."
-        )
-    path = os.path.abspath(os.fspath(path))
-    if format == "litert" and not path.endswith(".tflite"):
-        raise ValueError(f"A LiteRT export is a .tflite file; got {path!r}. Add the .tflite suffix.")
-    if format == "saved_model":
-        if path.endswith(".tflite"):
-            raise ValueError(
-                f"A SavedModel is a directory, not a .tflite file: {path!r}. "
-                "Use format='litert' or a directory path."
-            )
-        if os.path.exists(path):
-            raise FileExistsError(f"{path} already exists; export will not overwrite a directory.")
-    elif os.path.isdir(path):
-        raise ValueError(f"{path} is a directory; give the .tflite file's path.")
-    _check_writable(os.path.dirname(path))
-
-    config = model.config
-    cache_length, prefill_lengths = export_lengths(config, cache_length, prefill_lengths)
-    if isinstance(cache_length, bool) or not isinstance(cache_length, (int, np.integer)):
-        raise ValueError(f"cache_length must be an integer, got {cache_length!r}.")
-    if not 1 <= cache_length <= config.max_sequence_length:
-        raise ValueError(
-            f"cache_length {cache_length} is outside [1, {config.max_sequence_length}] "
-            "(the model's context length); choose a smaller cache."
-        )
-    if isinstance(prefill_lengths, (int, np.integer)):
-        prefill_lengths = (prefill_lengths,)
-    prefill_lengths = tuple(prefill_lengths or ())
-    if not prefill_lengths or any(
-        isinstance(p, bool) or not isinstance(p, (int, np.integer)) or p < 1 for p in prefill_lengths
-    ):
-        raise ValueError(
-            f"prefill_lengths must be positive integers, got {prefill_lengths!r}."
-        )
-    too_long = [int(p) for p in prefill_lengths if p > cache_length]
-    if too_long:
-        raise ValueError(
-            f"Prefill buckets {too_long} exceed cache_length {cache_length}: a prompt must fit "
-            "in the cache. Raise cache_length or drop those buckets."
-        )
-    if lora.lora_layers(model):
-        raise ValueError(
-            "This model has unmerged LoRA adapters; call model.merge_lora() before export "
-            "(the exported graph has plain kernels only)."
-        )
-    quantized = sorted({
-        str(layer.quantization_mode)
-        for layer in model.backbone._flatten_layers(include_self=False)
-        if getattr(layer, "quantization_mode", None)
-    })
-    if quantized:
-        if format == "litert":
-            raise ValueError(
-                f"This model was quantized in Keras ({', '.join(quantized)}); for LiteRT export the "
-                "float model and pass quantization='int8' / 'int4' (the converter quantizes)."
-            )
-        if quantization not in (None, *quantized) or len(quantized) > 1:
-            raise ValueError(
-                f"This model is already quantized in Keras ({', '.join(quantized)}); export it "
-                f"with quantization=None or {quantized[0]!r}."
-            )
-        if keras.backend.backend() != "tensorflow":
-            raise ValueError(
-                "A model quantized in Keras exports in a TensorFlow-backend process only; under "
-                f"{keras.backend.backend()} export the float model with quantization="
-                f"{quantized[0]!r} (the export process quantizes it)."
-            )
-        quantization = quantized[0]
-    return ExportPlan(
-        path, format, quantization, int(cache_length), tuple(sorted({int(p) for p in prefill_lengths}))
-    )
-
-
-def _check_writable(directory):
-    try:
-        os.makedirs(directory, exist_ok=True)
-        probe_write(directory)
-    except OSError as error:
-        raise PermissionError(
-            f"Cannot write the export to {directory}: {error.strerror or error}. "
-            "Choose a writable directory."
-        ) from error
-
-
 def _stop_ids(model):
-    return [int(i) for i in model._default_stop_ids()]
-
-
-# ---- the traced signatures (TensorFlow backend) -------------------------------
-def build_signatures(backbone, cache_length, prefill_lengths, int8_lookup=False, template=False,
-                     stage=None):
-    """A tf.Module with `prefill_{P}` and `decode` tf.functions over the backbone's weights.
-
-    The module holds the backbone's underlying tf.Variables (not the Keras
-    layers): traced under a StatelessScope that maps each Keras variable to
-    its tf.Variable, the graph reads plain variables, which the TFLite
-    converter freezes into constants. `template=True` maps block l's variables
-    to block l % 2's (see litert_weights): the module then holds the embedding
-    and two blocks, whatever the depth.
-    """
-    import tensorflow as tf
-    from keras import ops
-
-    config = backbone.config
-    windows = kv_cache.layer_windows(config)
-    slots = kv_cache.cache_lengths(config, cache_length)
-    keras_variables = list(backbone.variables)
-    cache_specs = [
-        tf.TensorSpec(kv_cache.cache_shape(config, 1, n), tf.float32, name=f"cache_{i}")
-        for i, n in enumerate(slots)
-    ]
-
-    module = tf.Module()
-    sources = litert_weights.template_sources(backbone) if template else keras_variables
-    tf_variables = {}  # one tf.Variable per source (the template shares them across blocks)
-    for source in sources:
-        if id(source) not in tf_variables:
-            tf_variables[id(source)] = (
-                tf.Variable(source, trainable=False) if isinstance(source, np.ndarray) else source.value
-            )
-    module.weights = list(tf_variables.values())
-    read = [tf_variables[id(source)] for source in sources]
-    embedding = backbone.token_embedding
-    if int8_lookup:
-        # The token lookup reads an int8 copy (a row per token, dequantized on the fly);
-        # the output projection keeps the float table for the converter to quantize.
-        table, row_scale = litert_weights.quantize_rows(embedding.embeddings)
-        module.lookup_table = tf.Variable(table, trainable=False, name="lookup_table")
-        module.lookup_scale = tf.Variable(row_scale, trainable=False, name="lookup_scale")
-        del table, row_scale
-
-    @contextlib.contextmanager
-    def scope():
-        with keras.StatelessScope(state_mapping=list(zip(keras_variables, read))):
-            if not int8_lookup:
-                yield
-                return
-            embedding.int8_lookup = (module.lookup_table, module.lookup_scale)
-            try:
-                yield
-            finally:
-                embedding.int8_lookup = None
-
-    def named(logits, caches):
-        return {"logits": logits, **{f"cache_{i}": c for i, c in enumerate(caches)}}
-
-    def make_prefill(bucket):
-        @tf.function(
-            input_signature=[
-                tf.TensorSpec((1, bucket), tf.int32, name="tokens"),
-                tf.TensorSpec((), tf.int32, name="length"),
-            ]
-        )
-        def prefill(tokens, length):
-            with scope():
-                pad = bucket - length
-                # Right-aligned (left-padded) prompt, as kv_cache.prefill expects.
-                index = ops.arange(bucket, dtype="int32")
-                aligned = ops.take(tokens, ops.mod(index - pad, bucket), axis=1)
-                empty = [ops.zeros(kv_cache.cache_shape(config, 1, bucket), "float32") for _ in windows]
-                logits, filled = kv_cache.prefill(
-                    backbone, aligned, ops.reshape(pad, (1,)), empty, windows
-                )
-                # Slot s of a layer with n slots holds the latest position p <= length-1
-                # with p % n == s (a ring when n < length); p < 0 is an empty slot.
-                caches = []
-                for cache, n in zip(filled, slots):
-                    held = (length - 1) - ops.mod(length - 1 - ops.arange(n, dtype="int32"), n)
-                    source = ops.clip(held + pad, 0, bucket - 1)
-                    caches.append(ops.take(cache, source, axis=kv_cache.SLOT_AXIS))
-                return named(logits, caches)
-
-        return prefill
-
-    @tf.function(
-        input_signature=[
-            tf.TensorSpec((1, 1), tf.int32, name="token"),
-            tf.TensorSpec((), tf.int32, name="position"),
-            *cache_specs,
-        ]
-    )
-    def decode(token, position, *caches):
-        with scope():
-            no_padding = ops.zeros((1,), "int32")
-            logits, caches = kv_cache.decode(
-                backbone, token, no_padding, list(caches), position, windows
-            )
-            return named(logits, caches)
-
-    signatures = {f"prefill_{p}": make_prefill(p) for p in prefill_lengths}
-    signatures["decode"] = decode
-    for name, function in signatures.items():
-        setattr(module, name, function)
-    concrete = {}
-    for name, function in signatures.items():
-        if stage:
-            stage(f"tracing the {name} signature")
-        concrete[name] = function.get_concrete_function()
-    return module, concrete, slots
-
-
-def metadata(backbone, tokenizer, plan, stop_ids, slots, files):
-    config = backbone.config
-    return {
-        "format": plan.format,
-        "quantization": plan.quantization,
-        "files": files,
-        "compute_dtype": "float32",
-        "cache_dtype": "float32",
-        "cache_length": plan.cache_length,
-        "cache_slots": slots,
-        "cache_shape": list(kv_cache.cache_shape(config, 1, None)),
-        "prefill_lengths": list(plan.prefill_lengths),
-        "signatures": {
-            "prefill": {str(p): f"prefill_{p}" for p in plan.prefill_lengths},
-            "decode": "decode",
-        },
-        "vocabulary_size": config.vocabulary_size,
-        "bos_token_id": tokenizer.bos_token_id if tokenizer is not None else 2,
-        "add_bos": True,
-        "stop_token_ids": stop_ids,
-        "chat_template": {
-            # The same turn format as Gemma2Tokenizer.apply_chat_template.
-            "turn": f"{tokenizer_module._START_OF_TURN}{{role}}\n{{content}}{tokenizer_module._END_OF_TURN}\n",
-            "generation_prompt": f"{tokenizer_module._START_OF_TURN}model\n",
-            "roles": dict(tokenizer_module._ROLE_ALIASES),
-        },
-        "config": config.to_dict(),
-        "keras_gemma2_version": _version(),
-    }
-
-
-def _version():
-    from keras_gemma2.version import __version__
-
-    return __version__
+    return [int(i) for i in model.default_stop_token_ids()]
 
 
 def _export_here(backbone, tokenizer, plan, stop_ids, stitch=True, progress=None, stage=None):
@@ -472,101 +185,23 @@ def _quantizes_a_copy(plan, backbone):
 
 
 def _keras_quantized(backbone):
-    return any(getattr(layer, "quantization_mode", None) for layer in backbone._flatten_layers())
+    return bool(quantization_modes(backbone))
 
 
 def _quantized_copy(backbone, mode):
     """A Keras-quantized copy (the caller's model stays float)."""
-    from keras_gemma2.model.backbone import Gemma2Backbone
-    from keras_gemma2.causal_lm import Gemma2CausalLM
-
-    copy = Gemma2Backbone.from_config(backbone.get_config())
-    for target, source in zip(copy.variables, backbone.variables):
-        target.assign(source)
+    copy = backbone.clone()
     Gemma2CausalLM(copy).quantize(mode)
     return copy
-
-
-def _directory_bytes(path):
-    return sum(
-        os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names
-    )
-
-
-def convert_file(saved_model_dir, output_path, signature_keys, quantization, buffer_offsets=False):
-    """SavedModel -> .tflite; above 1 GB of weights in a child process.
-
-    The converter never frees its constants (MLIR attributes), so a large
-    conversion runs in a process of its own that returns all of it on exit.
-    `buffer_offsets`: tensor data after the flatbuffer even for a small model
-    (the layout of every large one), as the stitched export's template always is.
-    """
-    if _directory_bytes(saved_model_dir) <= _LARGE_MODEL_BYTES:
-        weight_bytes = 1 << 62 if buffer_offsets else 0
-        flatbuffer = convert_to_litert(saved_model_dir, signature_keys, quantization, weight_bytes)
-        with open(output_path, "wb") as f:
-            f.write(flatbuffer)
-        return
-    command = [
-        sys.executable, "-c", "from keras_gemma2.edge.export import _convert_cli; _convert_cli()",
-        saved_model_dir, output_path, str(quantization), *signature_keys,
-    ]
-    environment = {**os.environ, "KERAS_BACKEND": "tensorflow"}
-    result = subprocess.run(command, env=environment, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError("The TFLite conversion process failed:\n" + result.stderr[-4000:])
-
-
-def _convert_cli():
-    saved_model_dir, output_path, quantization, *signature_keys = sys.argv[1:]
-    quantization = None if quantization == "None" else quantization
-    flatbuffer = convert_to_litert(saved_model_dir, signature_keys, quantization, 1 << 62)
-    with open(output_path, "wb") as f:
-        f.write(flatbuffer)
-
-
-def convert_to_litert(saved_model_dir, signature_keys, quantization, weight_bytes):
-    """SavedModel -> TFLite flatbuffer bytes with builtin ops only.
-
-    int8 is the converter's dynamic-range quantization: per-channel int8
-    weights, float32 activations (hybrid kernels). int4 is produced from the
-    float file by `quantize_int4`.
-    """
-    import tensorflow as tf
-
-    converter = tf.lite.TFLiteConverter.from_saved_model(
-        saved_model_dir, signature_keys=signature_keys
-    )
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-    if quantization == "int8":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    if weight_bytes > _LARGE_MODEL_BYTES:
-        converter._experimental_use_buffer_offset = True  # weights after the 2 GB flatbuffer
-    return converter.convert()
-
-
-def quantize_int4(path):
-    """Rewrite a float .tflite in place with int4 channel-wise weights (ai-edge-quantizer)."""
-    try:
-        from ai_edge_quantizer import quantizer, recipe
-    except ImportError as error:
-        raise ImportError(
-            "int4 export needs ai-edge-quantizer: pip install ai-edge-quantizer "
-            "(or keras-gemma2[export])."
-        ) from error
-    engine = quantizer.Quantizer(path, recipe.dynamic_wi4_afp32())
-    result = engine.quantize(enable_progress_report=False)
-    temporary = path + ".int4"
-    result.export_model(temporary, overwrite=True)
-    os.replace(temporary, path)
 
 
 # ---- other backends: a TensorFlow child process ------------------------------
 def _export_in_child(model, plan, progress=None):
     """Save the weights to a temporary preset; a KERAS_BACKEND=tensorflow child exports it.
 
-    The child reports its stages on its output (`--progress`); they reach
-    `progress` numbered on after this process's own.
+    The child is `keras-gemma2 export ... --tensorflow-child` (run_export_child);
+    it reports its stages on its output, and they reach `progress` numbered on
+    after this process's own.
     """
     stage = _Steps(progress, 2 + _stage_count(plan, model.backbone))  # + saving, + the child loading
     parent = os.path.dirname(plan.path)
@@ -576,12 +211,11 @@ def _export_in_child(model, plan, progress=None):
         preset = os.path.join(scratch, "preset")
         model.save_to_preset(preset)
         command = [
-            sys.executable, "-m", "keras_gemma2.edge.export", preset, plan.path,
+            sys.executable, "-m", "keras_gemma2.cli", "export", "--preset", preset, plan.path,
             "--format", plan.format,
             "--cache-length", str(plan.cache_length),
             "--prefill-lengths", *[str(p) for p in plan.prefill_lengths],
-            "--stop-ids", *[str(i) for i in _stop_ids(model)],
-            "--progress",
+            CHILD_OPTION, STOP_IDS_OPTION, *[str(i) for i in _stop_ids(model)],
         ]
         if plan.quantization:
             command += ["--quantization", plan.quantization]
@@ -594,6 +228,9 @@ def _export_in_child(model, plan, progress=None):
 
 # How the export child marks a stage line in its output (the rest is kept for error messages).
 _STAGE_MARKER = "keras-gemma2 export stage: "
+# The CLI's hidden `export` options that make it the child: this flag, and the stop ids to write.
+CHILD_OPTION = "--tensorflow-child"
+STOP_IDS_OPTION = "--stop-ids"
 
 
 def _run_child(command, environment, stage):
@@ -618,7 +255,7 @@ def _run_child(command, environment, stage):
             process.wait()
         process.stdout.close()
     if status != 0:
-        last = tail[-1] if tail else f"exit status {status}"
+        last = tail[-1].removeprefix("error: ") if tail else f"exit status {status}"  # the CLI's one line
         raise RuntimeError(
             f"The TensorFlow export process failed: {last}\n" + "\n".join(tail)[-4000:]
         )
@@ -647,14 +284,12 @@ def _die_with_parent():
 _PARENT_VARIABLE = "KERAS_GEMMA2_EXPORT_PARENT"
 
 
-def export_preset(preset, path, format="litert", quantization=None, cache_length=None,
+def export_preset(preset, path, format=DEFAULT_FORMAT, quantization=DEFAULT_QUANTIZATION, cache_length=None,
                   prefill_lengths=None, stop_ids=None, log=None, stage=None):
     """Load `preset` in float32 and export it (this process must run the TensorFlow backend).
 
     `stage(name)`, if given, is called as each stage begins, loading included.
     """
-    from keras_gemma2.causal_lm import Gemma2CausalLM
-
     if keras.backend.backend() != "tensorflow":
         raise RuntimeError("export_preset traces with TensorFlow: set KERAS_BACKEND=tensorflow.")
     start = time.time()
@@ -668,32 +303,17 @@ def export_preset(preset, path, format="litert", quantization=None, cache_length
     return _export_here(model.backbone, model.tokenizer, plan, stop_ids, stage=stage)
 
 
-def main(argv=None):
-    import argparse
+def run_export_child(preset, path, format, quantization, cache_length, prefill_lengths, stop_ids):
+    """The TensorFlow child's export (`keras-gemma2 export --tensorflow-child`, from _export_in_child).
 
+    It ends with its parent and reports each stage as a marked line on stderr.
+    """
     _die_with_parent()
-
-    parser = argparse.ArgumentParser(description="Export a Gemma 2 preset (TensorFlow backend).")
-    parser.add_argument("preset")
-    parser.add_argument("path")
-    parser.add_argument("--format", default="litert")
-    parser.add_argument("--quantization", default=None)
-    parser.add_argument("--cache-length", type=int, default=None, help=f"default: {CACHE_LENGTH_TEXT}")
-    parser.add_argument("--prefill-lengths", type=int, nargs="+", default=None,
-                        help=f"default: {PREFILL_LENGTHS_TEXT}")
-    parser.add_argument("--stop-ids", type=int, nargs="*", default=None)
-    parser.add_argument("--progress", action="store_true", help="print a line as each stage begins")
-    args = parser.parse_args(argv)
 
     def stage(name):
         print(_STAGE_MARKER + name, file=sys.stderr, flush=True)
 
-    export_preset(
-        args.preset, args.path, args.format, args.quantization, args.cache_length,
-        args.prefill_lengths, args.stop_ids, log=lambda m: print(m, file=sys.stderr),
-        stage=stage if args.progress else None,
+    return export_preset(
+        preset, path, format, quantization, cache_length, prefill_lengths, stop_ids,
+        log=lambda message: print(message, file=sys.stderr), stage=stage,
     )
-
-
-if __name__ == "__main__":
-    main()

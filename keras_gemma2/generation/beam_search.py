@@ -10,17 +10,16 @@ import numpy as np
 from keras import ops
 
 from keras_gemma2 import backend
-from keras_gemma2.model import kv_cache
 from keras_gemma2.generation.generator import left_pad
+from keras_gemma2.model import kv_cache
 
 _IMPOSSIBLE = -1e30
 
 
 def _build(model, batch_size, bucket, max_new_tokens, num_beams, stop_ids, window):
     backbone = model.backbone
-    config = backbone.config.replace(sliding_window_size=window)
-    windows = kv_cache.layer_windows(config)
-    total_length = bucket + max_new_tokens
+    config = backbone.config
+    layout = kv_cache.CacheLayout.rings(config.replace(sliding_window_size=window), bucket + max_new_tokens)
     stop = np.array(stop_ids or [-1], "int32")
     vocabulary = config.vocabulary_size
     rows = batch_size * num_beams
@@ -29,8 +28,10 @@ def _build(model, batch_size, bucket, max_new_tokens, num_beams, stop_ids, windo
     def search(prompt, padding):
         if backend.compiles():
             generator.compilations += 1
-        caches = kv_cache.new_caches(config, batch_size, total_length, backbone.compute_dtype)
-        logits, caches = kv_cache.prefill(backbone, prompt, padding, caches, windows)
+        caches = layout.new_caches(config, batch_size, backbone.compute_dtype)
+        positions = ops.arange(bucket, dtype="int32")[None, :] - padding[:, None]
+        hidden, caches = backbone.forward_pass(prompt, positions, caches, 0, layout)
+        logits = backbone.logits(hidden[:, -1:])[:, 0]
         # Every prompt row becomes num_beams identical rows; only beam 0 starts alive.
         expand = ops.repeat(ops.arange(batch_size, dtype="int32"), num_beams)
         caches = [ops.take(cache, expand, axis=0) for cache in caches]
@@ -49,9 +50,11 @@ def _build(model, batch_size, bucket, max_new_tokens, num_beams, stop_ids, windo
         def body(step, caches, sources, token, scores, tokens, token_logprobs, done):
             # The cache follows the kept beams, then takes their last token.
             caches = [ops.take(cache, sources, axis=0) for cache in caches]
-            logits, caches = kv_cache.decode(
-                backbone, ops.reshape(token, (rows, 1)), padding, caches, bucket + step - 1, windows
+            index = bucket + step - 1
+            hidden, caches = backbone.forward_pass(
+                ops.reshape(token, (rows, 1)), index - padding[:, None], caches, index, layout
             )
+            logits = backbone.logits(hidden)[:, 0]
             return (step + 1, caches, *select(step, logits, scores, tokens, token_logprobs, done))
 
         step, _, _, _, scores, tokens, token_logprobs, _ = ops.while_loop(
@@ -85,25 +88,22 @@ def _build(model, batch_size, bucket, max_new_tokens, num_beams, stop_ids, windo
     return backend.compile_function(search, backbone.variables)
 
 
-def beam_search(model, request, sampler, return_logprobs):
-    """Run beam search for a validated generation request; returns like `generate`."""
-    prompts = request["prompts"]
-    max_new_tokens = request["max_new_tokens"]
+def beam_search(model, request, sampler):
+    """The best beam per prompt of a validated request: (tokens [B, n], log-probabilities [B, n])."""
+    prompts = request.prompts
+    max_new_tokens = request.max_new_tokens
     padded, padding, bucket = left_pad(prompts, max_new_tokens, model.config.max_sequence_length)
     key = ("beam", len(prompts), bucket, max_new_tokens, sampler.num_beams,
-           request["stop_ids"], request["window"])
-    functions = model.generator._functions
-    if key not in functions:
-        functions[key] = _build(
-            model, len(prompts), bucket, max_new_tokens, sampler.num_beams,
-            request["stop_ids"], request["window"],
-        )
-    step, scores, tokens, token_logprobs = functions[key](
+           request.stop_ids, request.window)
+    search = model.generator.cached(key, lambda: _build(
+        model, len(prompts), bucket, max_new_tokens, sampler.num_beams,
+        request.stop_ids, request.window,
+    ))
+    step, scores, tokens, token_logprobs = search(
         ops.convert_to_tensor(padded), ops.convert_to_tensor(padding)
     )
     step = int(ops.convert_to_numpy(step))
     best = np.asarray(ops.convert_to_numpy(scores)).argmax(axis=-1)  # sorted: beam 0
     tokens = np.asarray(ops.convert_to_numpy(tokens))[np.arange(len(prompts)), best, :step]
     logprobs = np.asarray(ops.convert_to_numpy(token_logprobs))[np.arange(len(prompts)), best, :step]
-    return model._finish(request, tokens, logprobs, return_logprobs)
-
+    return tokens, logprobs

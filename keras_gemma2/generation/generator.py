@@ -7,8 +7,6 @@ the full generation length; the decode loop stops early once every row has
 emitted a stop token. Streaming runs the same compiled loop a chunk at a time.
 """
 
-import dataclasses
-
 import numpy as np
 from keras import ops
 
@@ -16,8 +14,6 @@ from keras_gemma2 import backend
 from keras_gemma2.model import kv_cache
 
 MIN_BUCKET = 16
-GEMMA_STOP_PIECES = ("<eos>", "<end_of_turn>")
-GEMMA_STOP_IDS = (1, 107)  # in the real vocabulary; used when no tokenizer is attached
 
 
 def prompt_bucket(longest, limit):
@@ -40,15 +36,6 @@ def left_pad(prompts, max_new_tokens, max_sequence_length):
     return padded, padding, bucket
 
 
-@dataclasses.dataclass
-class Generation:
-    """New tokens per row (stop token excluded) with their log-probabilities."""
-
-    token_ids: list
-    logprobs: list
-    text: list = None
-
-
 class Generator:
     """Owns the compiled prefill/decode functions of one Gemma2CausalLM."""
 
@@ -58,19 +45,29 @@ class Generator:
         self._functions = {}
 
     # ---- compiled pieces --------------------------------------------------
-    def functions(self, batch_size, bucket, max_new_tokens, sampler, stop_ids, window):
-        key = (batch_size, bucket, max_new_tokens, sampler, stop_ids, window)
+    def cached(self, key, build):
+        """The compiled functions stored under `key` (hashable), made by `build()` on first use.
+
+        Beam search keeps its compiled search here too, so `quantize` and LoRA
+        (which drop the generator) drop it with the rest.
+        """
         if key not in self._functions:
-            self._functions[key] = self._build(
-                batch_size, bucket, max_new_tokens, sampler, stop_ids, window
-            )
+            self._functions[key] = build()
         return self._functions[key]
+
+    def functions(self, batch_size, bucket, max_new_tokens, sampler, stop_ids, window):
+        """(prefill, decode loop) for one shape of request, compiled on first use."""
+        key = (batch_size, bucket, max_new_tokens, sampler, stop_ids, window)
+        return self.cached(
+            key, lambda: self._build(batch_size, bucket, max_new_tokens, sampler, stop_ids, window)
+        )
 
     def _build(self, batch_size, bucket, max_new_tokens, sampler, stop_ids, window):
         backbone = self.model.backbone
-        config = backbone.config.replace(sliding_window_size=window)
-        windows = kv_cache.layer_windows(config)
         total_length = bucket + max_new_tokens
+        layout = kv_cache.CacheLayout.rings(
+            backbone.config.replace(sliding_window_size=window), total_length
+        )
         stop = np.array(stop_ids or [-1], "int32")
 
         def count_trace():
@@ -91,8 +88,10 @@ class Generator:
             """Prefill and the first token: all time-to-first-token costs, nothing more."""
             count_trace()
             batch = ops.shape(prompt)[0]
-            caches = kv_cache.new_caches(config, batch, total_length, backbone.compute_dtype)
-            logits, caches = kv_cache.prefill(backbone, prompt, padding, caches, windows)
+            caches = layout.new_caches(backbone.config, batch, backbone.compute_dtype)
+            positions = ops.arange(bucket, dtype="int32")[None, :] - padding[:, None]
+            hidden, caches = backbone.forward_pass(prompt, positions, caches, 0, layout)
+            logits = backbone.logits(hidden[:, -1:])[:, 0]
             token, tokens, logprobs, done = choose(
                 logits, ops.zeros((), "int32"), seed,
                 ops.zeros((batch, max_new_tokens), "int32"),
@@ -116,9 +115,10 @@ class Generator:
                 return ops.logical_and(step < stop_at, ops.logical_not(ops.all(done)))
 
             def body(step, token, caches, tokens, logprobs, done):
-                logits, caches = kv_cache.decode(
-                    backbone, token[:, None], state["padding"], caches, bucket + step - 1, windows
-                )
+                index = bucket + step - 1
+                positions = index - state["padding"][:, None]
+                hidden, caches = backbone.forward_pass(token[:, None], positions, caches, index, layout)
+                logits = backbone.logits(hidden)[:, 0]
                 token, tokens, logprobs, done = choose(logits, step, seed, tokens, logprobs, done)
                 return step + 1, token, caches, tokens, logprobs, done
 
@@ -158,17 +158,3 @@ class Generator:
             stop_at = max_new_tokens if chunk is None else min(step + chunk, max_new_tokens)
             state = decode(state, seed, ops.convert_to_tensor(np.int32(stop_at)))
             step = int(ops.convert_to_numpy(state["step"]))
-
-
-def trim_at_stop(tokens, logprobs, stop_ids):
-    """Cut a row at its first stop token (excluded)."""
-    for position, token in enumerate(tokens):
-        if int(token) in stop_ids:
-            return tokens[:position], logprobs[:position]
-    return tokens, logprobs
-
-
-def cut_at_stop_string(text, stop_strings):
-    """(text before the first stop string, whether one was found)."""
-    cut = min((text.find(s) for s in stop_strings if s and s in text), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)

@@ -11,7 +11,6 @@ import struct
 import ml_dtypes
 import numpy as np
 
-from keras_gemma2.checkpoints.download import in_download_cache
 from keras_gemma2.io.atomic import atomic_write
 
 DTYPES = {
@@ -34,9 +33,11 @@ class CorruptFileError(OSError, ValueError):
 
 
 def repair_hint(path, missing=False):
-    """The fix for a bad or missing file: download again only where it was downloaded."""
-    if in_download_cache(path):
-        return "Delete the preset's folder from the download cache and download the preset again."
+    """The fix for a bad or missing file the user made or copied.
+
+    Readers of downloaded checkpoints pass their own `repair_hint` (see
+    `checkpoints.download.repair_hint`), which says to download again instead.
+    """
     if missing:
         return "Copy the missing file into the folder, or save the checkpoint again."
     return "Replace it with a complete copy (it was probably cut short while being copied or saved)."
@@ -45,8 +46,9 @@ def repair_hint(path, missing=False):
 class SafetensorsFile:
     """Lazy access to the tensors of one .safetensors file."""
 
-    def __init__(self, path):
+    def __init__(self, path, repair_hint=repair_hint):
         self.path = os.fspath(path)
+        self._repair_hint = repair_hint
         size = os.path.getsize(self.path)
         with open(self.path, "rb") as f:
             prefix = f.read(8)
@@ -83,7 +85,7 @@ class SafetensorsFile:
                 raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {entry['dtype']}.")
 
     def _corrupt(self, problem):
-        raise CorruptFileError(f"{self.path} {problem} {repair_hint(self.path)}") from None
+        raise CorruptFileError(f"{self.path} {problem} {self._repair_hint(self.path)}") from None
 
     def keys(self):
         return list(self._entries)
@@ -202,9 +204,12 @@ def write_json(path, data):
 
 
 class SafetensorsCheckpoint:
-    """All tensors of a (possibly sharded) checkpoint directory, by name."""
+    """All tensors of a (possibly sharded) checkpoint directory, by name.
 
-    def __init__(self, directory, prefix="model"):
+    `repair_hint(path, missing=False)` words the fix for a bad or missing file.
+    """
+
+    def __init__(self, directory, prefix="model", repair_hint=repair_hint):
         index_path = os.path.join(directory, f"{prefix}.safetensors.index.json")
         single_path = os.path.join(directory, f"{prefix}.safetensors")
         if os.path.exists(index_path):
@@ -218,10 +223,10 @@ class SafetensorsCheckpoint:
                         f"Shard {file_name} listed in {index_path} is missing. "
                         + repair_hint(shard_path, missing=True)
                     )
-                files[file_name] = SafetensorsFile(shard_path)
+                files[file_name] = SafetensorsFile(shard_path, repair_hint)
             self._where = {name: files[file_name] for name, file_name in weight_map.items()}
         elif os.path.exists(single_path):
-            single = SafetensorsFile(single_path)
+            single = SafetensorsFile(single_path, repair_hint)
             self._where = {name: single for name in single.keys()}
         else:
             raise FileNotFoundError(

@@ -1,11 +1,85 @@
-"""The Gemma 2 backbone: token ids and padding mask in, final hidden states out."""
+"""The Gemma 2 backbone: token ids and padding mask in, final hidden states out.
+
+`decoder_forward` is the model's one forward pass; the functional graph
+(training, scoring) and `Gemma2Backbone.forward_pass` (the cached path: generate,
+beam search, export) both run it.
+"""
+
+import dataclasses
 
 import keras
+import ml_dtypes
 import numpy as np
+
+from keras import ops
 
 from keras_gemma2 import backend
 from keras_gemma2.config import Gemma2Config
+from keras_gemma2.model import kv_cache
 from keras_gemma2.model.layers import Gemma2DecoderBlock, RMSNorm, TiedEmbedding
+from keras_gemma2.checkpoints import presets
+from keras_gemma2.model import quantization
+from keras_gemma2.model.layers import adapted_layers, own_policy, weights_from_checkpoint
+
+
+def decoder_forward(token_embedding, blocks, final_norm, config, token_ids, positions,
+                    padding_mask=None, caches=None, cache_index=0, layout=None):
+    """Gemma 2 from token ids to final hidden states: THE forward pass.
+
+    Training, scoring (the functional graph, `padding_mask` marking real
+    tokens), generate's prefill and decode steps, beam search and every
+    export signature (with `caches`) run this function. See
+    `Gemma2Backbone.forward_pass` for the cached arguments.
+    """
+    if caches is None:
+        if padding_mask is None:
+            padding_mask = ops.ones_like(token_ids)
+        layout = kv_cache.CacheLayout.rings(config, 0)  # for its windows only
+        caches = [None] * config.num_layers
+    elif padding_mask is not None:
+        raise ValueError("A cached forward marks padding with negative positions, not padding_mask.")
+    length = token_ids.shape[1]
+    static_start = isinstance(cache_index, (int, np.integer))
+
+    masks = {}
+
+    def mask_and_reads(layer):
+        """The keys layer `layer` reads (see Gemma2Attention) and its mask, shared by like layers."""
+        window = layout.windows[layer]
+        if caches[layer] is None:
+            key = (window, None, "chunk")
+        elif static_start and cache_index == 0:  # an empty cache: the chunk alone
+            key = (window, None, "chunk")
+        elif length is not None and layout.writes_before_reading(layer, length):
+            key = (window, layout.slots[layer], "cache")
+        else:
+            key = (window, layout.slots[layer], "cache_and_chunk")
+        if key not in masks:
+            _, slots, reads = key
+            if reads == "chunk":
+                valid = padding_mask if padding_mask is not None else positions >= 0
+                keys = positions
+            else:
+                end = cache_index + length if reads == "cache" else cache_index
+                # Index minus position: each row's left padding (positions advance with indices).
+                offset = cache_index - positions[:, :1]
+                keys = ops.convert_to_tensor(kv_cache.held_indices(end, slots))[None, :] - offset
+                if reads == "cache_and_chunk":
+                    keys = ops.concatenate([keys, positions], axis=1)
+                valid = keys >= 0
+            masks[key] = kv_cache.attention_mask(positions, keys, valid, window)
+        return masks[key], key[2]
+
+    x = token_embedding(token_ids)
+    updated = []
+    for layer, (block, cache) in enumerate(zip(blocks, caches)):
+        mask, reads = mask_and_reads(layer)
+        if cache is None:
+            x = block(x, positions, mask)
+        else:
+            x, cache = block(x, positions, mask, cache=cache, cache_index=cache_index, reads=reads)
+        updated.append(cache)
+    return final_norm(x), (None if caches[0] is None else updated)
 
 
 def resolve_dtype_policy(dtype):
@@ -123,33 +197,18 @@ class Gemma2Backbone(keras.Model):
             name="token_embedding",
         )
         blocks = [
-            Gemma2DecoderBlock(
-                hidden_dim=config.hidden_dim,
-                intermediate_dim=config.intermediate_dim,
-                num_query_heads=config.num_query_heads,
-                num_key_value_heads=config.num_key_value_heads,
-                head_dim=config.head_dim,
-                query_pre_attn_scalar=config.query_pre_attn_scalar,
-                attention_logit_soft_cap=config.attention_logit_soft_cap,
-                rope_max_wavelength=config.rope_max_wavelength,
-                layer_norm_epsilon=config.layer_norm_epsilon,
-                sliding_window_size=(
-                    config.sliding_window_size if config.is_sliding(i) else None
-                ),
-                dtype=policy,
-                name=f"decoder_block_{i}",
-            )
+            Gemma2DecoderBlock(config, i, dtype=policy, name=f"decoder_block_{i}")
             for i in range(config.num_layers)
         ]
         final_norm = RMSNorm(config.layer_norm_epsilon, dtype=policy, name="final_norm")
 
-        # ---- functional graph -------------------------------------------
+        # ---- functional graph: the same forward, without a cache -----------
         token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
         padding_mask = keras.Input(shape=(None,), dtype="int32", name="padding_mask")
-        x = token_embedding(token_ids)
-        for block in blocks:
-            x = block(x, padding_mask=padding_mask)
-        hidden = final_norm(x)
+        positions = ops.cumsum(ops.ones_like(token_ids), axis=1) - 1
+        hidden, _ = decoder_forward(
+            token_embedding, blocks, final_norm, config, token_ids, positions, padding_mask
+        )
         super().__init__(
             inputs={"token_ids": token_ids, "padding_mask": padding_mask},
             outputs=hidden,
@@ -165,6 +224,30 @@ class Gemma2Backbone(keras.Model):
     def __call__(self, inputs, *args, **kwargs):
         return super().__call__(standardize_inputs(inputs, self.config), *args, **kwargs)
 
+    def forward_pass(self, token_ids, positions, caches=None, cache_index=0, layout=None):
+        """The cached forward: a chunk of tokens attends to the caches plus itself.
+
+        (Not named `forward`: under PyTorch that is every Keras layer's torch entry point.)
+
+        `token_ids`, `positions` [batch, T]: the chunk is cache indices
+        cache_index..cache_index+T-1 (shared by every row; `cache_index` a
+        Python int or a scalar tensor) at these positions (a left-padded row's
+        are its indices minus its padding; negative ones are padding). With
+        `caches` (one per layer, as `layout`, a kv_cache.CacheLayout, holds
+        them) the chunk reads what they hold and is written in. Returns
+        (hidden states after the final norm [batch, T, hidden], caches).
+        """
+        token_ids = ops.convert_to_tensor(token_ids, "int32")
+        positions = ops.convert_to_tensor(positions, "int32")
+        return decoder_forward(
+            self.token_embedding, self.decoder_blocks, self.final_norm, self.config,
+            token_ids, positions, caches=caches, cache_index=cache_index, layout=layout,
+        )
+
+    def logits(self, hidden):
+        """Float32 vocabulary logits (tied projection, final soft-cap) of hidden states."""
+        return self.token_embedding(hidden, reverse=True)
+
     def get_config(self):
         return {
             "config": self.config.to_dict(),
@@ -174,13 +257,7 @@ class Gemma2Backbone(keras.Model):
 
     def _config_policy(self):
         """The model's policy, or a DTypePolicyMap of it plus each quantized layer's policy."""
-        from keras_gemma2.model.layers import own_policy
-
-        quantized = {
-            layer.path: own_policy(layer)
-            for layer in self._flatten_layers(include_self=False)
-            if layer.quantization_mode is not None
-        }
+        quantized = {layer.path: own_policy(layer) for layer in quantization.quantized_layers(self)}
         if not quantized:
             return self.dtype_policy
         return keras.dtype_policies.DTypePolicyMap(self.dtype_policy, quantized)
@@ -190,8 +267,86 @@ class Gemma2Backbone(keras.Model):
         return cls(**config)
 
     @classmethod
-    def from_preset(cls, preset, dtype=None, **kwargs):
+    def from_preset(cls, preset, dtype=None, load_weights=True, **config_overrides):
         """Load a backbone from a preset name, directory or handle (see `keras_gemma2.from_preset`)."""
-        from keras_gemma2.checkpoints.presets import load_backbone
+        return cls._from_preset(preset, dtype, load_weights, config_overrides)[0]
 
-        return load_backbone(preset, dtype=dtype, **kwargs)
+    # ---- one architecture, these weights: presets, merging, LoRA merge, export ----
+    @classmethod
+    def from_weights(cls, config, tensors, dtype=None):
+        """A backbone of `config` holding `tensors`, {variable path: value}, one per variable.
+
+        A value is an array, a backend tensor or a zero-argument callable
+        returning one (read only when its turn comes: one tensor in memory at a
+        time). Every name is checked before any value is read, every shape as
+        it is assigned. The layers start as zeros, not random draws, since every
+        weight is overwritten (`weights_from_checkpoint`).
+        """
+        with weights_from_checkpoint():
+            backbone = cls(config, dtype=dtype)
+        variables = {v.path: v for v in backbone.weights}
+        missing = sorted(set(variables) - set(tensors))
+        unexpected = sorted(set(tensors) - set(variables))
+        if missing or unexpected:
+            raise ValueError(
+                f"Checkpoint does not fit the architecture: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}."
+            )
+        for path, variable in variables.items():
+            array = tensors[path]() if callable(tensors[path]) else tensors[path]
+            if not isinstance(array, np.ndarray):
+                array = keras.ops.convert_to_numpy(array)
+            if tuple(array.shape) != tuple(variable.shape):
+                source = getattr(tensors[path], "source_name", path)
+                raise ValueError(
+                    f"Weight {source!r} has shape {tuple(array.shape)} after conversion but the model "
+                    f"expects {tuple(variable.shape)} for {path!r}. The checkpoint does not match "
+                    "its config (or the config overrides)."
+                )
+            name = str(variable.dtype)
+            target = ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
+            # A plain array (not a memmap) in the variable's dtype, for every backend.
+            variable.assign(np.array(array, dtype=target))
+        return backbone
+
+    def clone(self, dtype=None):
+        """A new backbone with this one's config and a copy of its weights.
+
+        `dtype=None` keeps this backbone's policy, quantized layers included;
+        another policy converts the copied weights (of a float backbone).
+        """
+        if adapted_layers(self):
+            raise ValueError(
+                "This backbone has unmerged LoRA adapters; call `model = model.merge_lora()` "
+                "and clone the merged model's backbone."
+            )
+        policy = self._config_policy() if dtype is None else dtype
+        return type(self).from_weights(self.config, {v.path: v.value for v in self.weights}, dtype=policy)
+
+    @classmethod
+    def _from_preset(cls, preset, dtype, load_weights, config_overrides):
+        """(backbone, the path of the tokenizer stored with the preset or None).
+
+        Gemma2CausalLM.from_preset builds on this. Every argument is checked
+        before anything is downloaded or read.
+        """
+        policy = resolve_dtype_policy(dtype)  # a bad dtype fails before any download
+        cls._check_load_options(load_weights, config_overrides)
+        config, tensors, tokenizer_file = presets.read_preset(preset, Gemma2Config, load_weights)
+        config = config.replace(**config_overrides)
+        if tensors is None:
+            return cls(config, dtype=policy), tokenizer_file
+        return cls.from_weights(config, tensors, dtype=policy), tokenizer_file
+
+    @staticmethod
+    def _check_load_options(load_weights, config_overrides):
+        """Unknown keywords would otherwise reach dataclasses.replace as a bare TypeError."""
+        fields = [f.name for f in dataclasses.fields(Gemma2Config)]
+        unknown = sorted(set(config_overrides) - set(fields))
+        if unknown:
+            raise ValueError(
+                f"Unknown from_preset argument(s) {unknown}. Valid ones: dtype, load_weights, and "
+                f"these Gemma2Config fields to override: {', '.join(fields)}."
+            )
+        if not isinstance(load_weights, (bool, np.bool_)):
+            raise ValueError(f"load_weights must be True or False, got {load_weights!r}.")

@@ -1,99 +1,127 @@
-"""The KV cache layout and the cached forward pass.
+"""The KV cache: which slot holds which index, and which keys a query may see.
 
-Global layers keep one slot per position of the whole generation; sliding
-layers keep a ring of `sliding_window_size` slots (index t in slot t % W),
-all a sliding layer ever attends to. A layer's cache is
-[batch, 2 (key, value), kv_heads, slots, head_dim]: head-major, so both
-attention products read it in place (a slot-major cache was transposed,
-a full copy, on every layer of every decode step). Prompts are left-padded,
-so every row writes the same slot at each step; a row's positions are its
-slot indices minus its padding.
+A layer's cache is [batch, 2 (key, value), kv_heads, slots, head_dim]:
+head-major, so both attention products read it in place. Cache index t
+(shared by every row of a batch) lives in slot `t % slots`: a layer with
+fewer slots than indices is a ring that keeps the latest ones. That rule is
+`held_indices`; everything else (writing a chunk, the key positions of a
+mask, export) derives from it.
+
+`CacheLayout` says how many slots each layer keeps and which window it
+attends over: rings of the window for generation (all a sliding layer ever
+reads), rings of window + k for a speculative step that may roll back k
+tokens, or full length on every layer (what LiteRT-LM expects).
+
+Rows may be left-padded: a row's positions are its indices minus its padding,
+and a key is real when its position is >= 0. `attention_mask` is the one mask
+rule, over positions, for every path.
 """
 
+import dataclasses
+
+import numpy as np
 from keras import ops
 
-from keras_gemma2.model.layers import CACHE_SLOT_AXIS as SLOT_AXIS
-from keras_gemma2.model.layers import attention_mask
+SLOT_AXIS = 3
+_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def layer_windows(config):
-    """The sliding window of each layer (None for global layers)."""
-    return [config.sliding_window_size if config.is_sliding(i) else None for i in range(config.num_layers)]
+def attention_mask(query_positions, key_positions, key_valid, window=None):
+    """Which keys each query may see: [batch, queries, keys] booleans.
 
-
-def cache_lengths(config, total_length):
-    """Slots per layer for a generation of `total_length` indices."""
-    return [total_length if w is None else min(w, total_length) for w in layer_windows(config)]
-
-
-def cache_shape(config, batch_size, slots):
-    """One layer's cache: [batch, 2 (key, value), kv_heads, slots, head_dim]."""
-    return (batch_size, 2, config.num_key_value_heads, slots, config.head_dim)
-
-
-def new_caches(config, batch_size, total_length, dtype):
-    """Zeroed per-layer caches (`cache_shape`)."""
-    return [
-        ops.zeros(cache_shape(config, batch_size, length), dtype)
-        for length in cache_lengths(config, total_length)
-    ]
-
-
-def cache_bytes(config, batch_size, total_length, dtype, sliding=True):
-    """Bytes of the cache; `sliding=False` gives a full-length cache on every layer."""
-    lengths = cache_lengths(config, total_length) if sliding else [total_length] * config.num_layers
-    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[str(dtype)]
-    per_slot = 2 * config.num_key_value_heads * config.head_dim * itemsize * batch_size
-    return sum(lengths) * per_slot
-
-
-def prefill(backbone, token_ids, padding, caches, windows):
-    """Run a left-padded prompt [batch, P] and fill the caches.
-
-    `padding`: [batch] number of pad tokens on the left of each row.
-    `windows`: per-layer window (None: global), normally `layer_windows(config)`;
-    an inference-time override only changes this list and the cache lengths.
-    Returns (float32 logits of the last index [batch, vocab], caches).
+    Causal (key position <= query position), a real key, and for a sliding
+    layer 0 <= query - key < window (the window counts the query itself).
     """
-    length = ops.shape(token_ids)[1]
-    index = ops.arange(length, dtype="int32")[None, :]
-    positions = index - padding[:, None]
-    valid = index >= padding[:, None]
-    masks = {window: attention_mask(positions, positions, valid, window) for window in set(windows)}
-    x = backbone.token_embedding(token_ids)
-    updated = []
-    for block, cache, window in zip(backbone.decoder_blocks, caches, windows):
-        x, cache = block(x, positions=positions, attention_mask=masks[window], cache=cache)
-        updated.append(cache)
-    return _last_logits(backbone, x), updated
+    distance = query_positions[:, :, None] - key_positions[:, None, :]
+    visible = distance >= 0
+    if window is not None:
+        visible = ops.logical_and(visible, distance < window)
+    return ops.logical_and(visible, ops.cast(key_valid, "bool")[:, None, :])
 
 
-def decode(backbone, token_ids, padding, caches, cache_index, windows):
-    """One step: tokens [batch, 1] at index `cache_index` attend over the caches."""
-    positions = ops.broadcast_to(cache_index - padding[:, None], ops.shape(token_ids))
-    x = backbone.token_embedding(token_ids)
-    masks = {}
-    updated = []
-    for block, cache, window in zip(backbone.decoder_blocks, caches, windows):
-        slots = ops.shape(cache)[SLOT_AXIS]
-        if (window, slots) not in masks:
-            # The index each slot holds once `cache_index` is written (a ring when slots < total).
-            held = cache_index - ops.mod(cache_index - ops.arange(slots, dtype="int32"), slots)
-            key_positions = held[None, :] - padding[:, None]
-            masks[(window, slots)] = attention_mask(
-                positions, key_positions, held[None, :] >= padding[:, None], window
-            )
-        x, cache = block(
-            x,
-            positions=positions,
-            attention_mask=masks[(window, slots)],
-            cache=cache,
-            cache_index=cache_index,
+def held_indices(end, slots):
+    """The index each of `slots` slots holds once indices < `end` are written: [slots] int32.
+
+    Slot s holds the latest t < end with t % slots == s; negative means empty.
+    `end` may be a Python int or a scalar tensor.
+    """
+    if isinstance(end, (int, np.integer)):  # static: numpy, so traced graphs get constants
+        slot, mod = np.arange(slots, dtype="int32"), np.mod
+    else:
+        slot, mod = ops.arange(slots, dtype="int32"), ops.mod
+    last = end - 1
+    return last - mod(last - slot, slots)
+
+
+def write(cache, fresh, start):
+    """`cache` with `fresh` [batch, 2, kv_heads, T, head_dim] written at indices start..start+T-1.
+
+    Each index goes to its ring slot; when T exceeds the slots only the
+    latest indices stay. One token is a single dynamic slice update (the
+    decode step); a chunk at a static start is static slicing; a chunk at a
+    dynamic start is a gather that writes each slot from its latest index.
+    """
+    fresh = ops.cast(fresh, cache.dtype)
+    length, slots = fresh.shape[SLOT_AXIS], cache.shape[SLOT_AXIS]
+    if length == 1:
+        return ops.slice_update(cache, [0, 0, 0, ops.mod(start, slots), 0], fresh)
+    if isinstance(start, (int, np.integer)):
+        source = held_indices(int(start) + length, slots) - int(start)
+        if start + length <= slots:  # no wrap
+            return ops.slice_update(cache, [0, 0, 0, int(start), 0], fresh)
+        if (source >= 0).all():  # every slot is rewritten: the chunk's latest indices, in ring order
+            return ops.take(fresh, source, axis=SLOT_AXIS)
+    source = held_indices(start + length, slots) - start  # chunk entry per slot; < 0: untouched
+    written = ops.take(fresh, ops.clip(source, 0, length - 1), axis=SLOT_AXIS)
+    keep_old = (source < 0)[None, None, None, :, None]
+    return ops.where(keep_old, cache, written)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheLayout:
+    """Slots per layer and the attention window each layer applies (None: global)."""
+
+    slots: tuple
+    windows: tuple
+
+    @classmethod
+    def rings(cls, config, length, extra=0):
+        """Global layers keep `length` indices; sliding layers a ring of window + `extra`.
+
+        `extra` = k lets a step of k + 1 tokens be verified and k of them
+        rolled back (speculative decoding) without losing a key still needed.
+        """
+        windows = tuple(
+            config.sliding_window_size if config.is_sliding(i) else None
+            for i in range(config.num_layers)
         )
-        updated.append(cache)
-    return _last_logits(backbone, x), updated
+        slots = tuple(length if w is None else min(w + extra, length) for w in windows)
+        return cls(slots, windows)
 
+    @classmethod
+    def full(cls, config, length):
+        """Every layer keeps `length` indices (sliding layers still mask to their window)."""
+        ring = cls.rings(config, length)
+        return cls((length,) * config.num_layers, ring.windows)
 
-def _last_logits(backbone, x):
-    hidden = backbone.final_norm(x[:, -1:, :])
-    return backbone.token_embedding(hidden, reverse=True)[:, 0, :]
+    def shape(self, layer, config, batch_size):
+        return (batch_size, 2, config.num_key_value_heads, self.slots[layer], config.head_dim)
+
+    def new_caches(self, config, batch_size, dtype):
+        """Zeroed caches, one per layer."""
+        return [ops.zeros(self.shape(i, config, batch_size), dtype) for i in range(len(self.slots))]
+
+    def bytes(self, config, batch_size, dtype):
+        per_slot = 2 * config.num_key_value_heads * config.head_dim * _ITEMSIZE[str(dtype)]
+        return sum(self.slots) * per_slot * batch_size
+
+    def writes_before_reading(self, layer, chunk_length):
+        """Whether a chunk can be written first and the layer then read from the cache alone.
+
+        True when writing `chunk_length` indices cannot evict a key any of
+        them still needs: a global layer (its slots cover every index) or a
+        ring of at least window + chunk_length - 1 slots. Otherwise the chunk
+        attends to the cache as it was plus itself, then is written.
+        """
+        window = self.windows[layer]
+        return window is None or self.slots[layer] >= window + chunk_length - 1

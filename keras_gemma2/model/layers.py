@@ -1,14 +1,18 @@
 """Gemma 2 building blocks, written with `keras.ops` only.
 
 Read top to bottom: RMSNorm, tied embedding, rotary embedding, the
-attention mask rule, the soft-capped attention layer, the GeGLU
-feed-forward, and the decoder block that wires them together.
+soft-capped attention layer, the GeGLU feed-forward, and the decoder block
+that wires them together. The attention mask and the cache's ring rule live
+in `kv_cache`; the backbone's forward wires the blocks.
 """
 
 import contextlib
 
 import keras
 from keras import ops
+
+from keras_gemma2.config import Gemma2Config
+from keras_gemma2.model import kv_cache
 
 # Masked attention logits are set to this instead of -inf so that a row with
 # no visible key (a padded query) gives a uniform row, never NaN.
@@ -363,68 +367,38 @@ def apply_rope(x, positions, max_wavelength):
     return ops.cast(x32 * cos + rotated * sin, x.dtype)
 
 
-def attention_mask(query_positions, key_positions, key_valid, sliding_window_size=None):
-    """Which keys each query may see: [batch, queries, keys] booleans.
-
-    Causal (key position <= query position), key not padding, and for
-    sliding layers 0 <= query - key < window (the window counts the query
-    itself). Written over absolute positions so the same rule serves a full
-    forward pass, a KV cache and a ring buffer whose slots hold any positions.
-    """
-    distance = query_positions[:, :, None] - key_positions[:, None, :]
-    visible = distance >= 0
-    if sliding_window_size is not None:
-        visible = ops.logical_and(visible, distance < sliding_window_size)
-    return ops.logical_and(visible, ops.cast(key_valid, "bool")[:, None, :])
-
-
-# The slots axis of a layer's KV cache, [batch, 2 (key, value), kv_heads, slots, head_dim].
-CACHE_SLOT_AXIS = 3
-
-
 class Gemma2Attention(keras.layers.Layer):
-    """Grouped-query attention with RoPE and soft-capped logits.
+    """Grouped-query attention with RoPE and soft-capped logits: one layer for every path.
 
-    One layer for training, cached decoding and export. The caller supplies
-    absolute `positions` and a boolean `attention_mask` over the keys
-    attended to, so the masking rule lives in one place (`attention_mask`).
-    Keys and values are attended to head-major, [batch, kv_heads, keys,
-    head_dim], the layout of the cache ([batch, 2, kv_heads, cache_length,
-    head_dim]). With a `cache`:
+    Built from the model's config. The caller (the backbone's forward)
+    supplies absolute `positions` and a boolean `attention_mask` [batch,
+    queries, keys] over the keys this call reads, which `reads` names:
 
-    * `cache_index=None` (prefill): the chunk attends to itself, as without a
-      cache, and its keys/values fill the empty cache. A sliding layer's cache
-      is a ring of `sliding_window_size` slots: index t lives in slot
-      t % length, so only the last window of a long prompt is kept.
-    * `cache_index=i` (decode): the chunk's keys/values are written at slot
-      i % length, then the queries attend over the whole cache.
+    * "chunk": the chunk's own keys (no cache, or a prefill into an empty one);
+    * "cache": the chunk is written into the cache first, then the queries
+      read the whole cache in place (the decode step);
+    * "cache_and_chunk": the queries read the cache as it was plus the chunk,
+      then the chunk is written (a chunk that would evict keys it still needs).
 
-    Returns `(output, cache)`; the cache is None without one.
+    Keys and values are head-major, [batch, kv_heads, keys, head_dim], the
+    cache's layout. Returns `(output, cache)`; the cache is None without one.
     """
 
-    def __init__(
-        self,
-        num_query_heads,
-        num_key_value_heads,
-        head_dim,
-        query_pre_attn_scalar,
-        logit_soft_cap,
-        rope_max_wavelength,
-        sliding_window_size=None,
-        **kwargs,
-    ):
+    def __init__(self, config, layer_index, **kwargs):
         super().__init__(**kwargs)
-        self.num_query_heads = num_query_heads
-        self.num_key_value_heads = num_key_value_heads
-        self.head_dim = head_dim
-        self.query_pre_attn_scalar = query_pre_attn_scalar
-        self.logit_soft_cap = logit_soft_cap
-        self.rope_max_wavelength = rope_max_wavelength
-        self.sliding_window_size = sliding_window_size
+        self.config = Gemma2Config.from_dict(config) if isinstance(config, dict) else config
+        self.layer_index = layer_index
+
+    @property
+    def sliding_window_size(self):
+        """This layer's window in the model's config (None: global)."""
+        config = self.config
+        return config.sliding_window_size if config.is_sliding(self.layer_index) else None
 
     def build(self, input_shape):
-        hidden_dim = input_shape[-1]
-        q, kv, d = self.num_query_heads, self.num_key_value_heads, self.head_dim
+        config = self.config
+        q, kv, d = config.num_query_heads, config.num_key_value_heads, config.head_dim
+        hidden_dim = config.hidden_dim
 
         # Kernels are [out, in]: query [heads * head_dim, hidden], output
         # [hidden, heads * head_dim]; heads are split off after the product.
@@ -434,83 +408,65 @@ class Gemma2Attention(keras.layers.Layer):
         self.value = Projection.built("value", kv * d, hidden_dim, policy)
         self.attention_output = Projection.built("attention_output", hidden_dim, q * d, policy)
 
-    def call(self, x, positions, attention_mask, cache=None, cache_index=None):
+    def call(self, x, positions, attention_mask, cache=None, cache_index=None, reads="chunk"):
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
+        head_dim, wavelength = self.config.head_dim, self.config.rope_max_wavelength
 
         def heads(projected):
-            return ops.reshape(projected, (batch, length, -1, self.head_dim))
+            return ops.reshape(projected, (batch, length, -1, head_dim))
 
-        query = apply_rope(heads(self.query(x)), positions, self.rope_max_wavelength)
-        key = apply_rope(heads(self.key(x)), positions, self.rope_max_wavelength)
+        query = apply_rope(heads(self.query(x)), positions, wavelength)
+        key = apply_rope(heads(self.key(x)), positions, wavelength)
         # [batch, kv_heads, length, head_dim]; for one token a free reshape.
         key = ops.transpose(key, (0, 2, 1, 3))
         value = ops.transpose(heads(self.value(x)), (0, 2, 1, 3))
 
         if cache is None:
-            output = self._attend(query, key, value, attention_mask)
-        elif cache_index is None:
-            output = self._attend(query, key, value, attention_mask)
-            cache = self._fill_cache(cache, ops.stack([key, value], axis=1))
-        else:
-            fresh = ops.cast(ops.stack([key, value], axis=1), cache.dtype)
-            slot = ops.mod(cache_index, ops.shape(cache)[CACHE_SLOT_AXIS])
-            cache = ops.slice_update(cache, [0, 0, 0, slot, 0], fresh)
+            return self.attention_output(self._attend(query, key, value, attention_mask)), None
+        fresh = ops.stack([key, value], axis=1)
+        if reads == "cache":
+            cache = kv_cache.write(cache, fresh, cache_index)
             output = self._attend(query, cache[:, 0], cache[:, 1], attention_mask)
+        elif reads == "cache_and_chunk":
+            both = ops.concatenate([cache, ops.cast(fresh, cache.dtype)], axis=kv_cache.SLOT_AXIS)
+            output = self._attend(query, both[:, 0], both[:, 1], attention_mask)
+            cache = kv_cache.write(cache, fresh, cache_index)
+        else:
+            output = self._attend(query, key, value, attention_mask)
+            cache = kv_cache.write(cache, fresh, cache_index)
         return self.attention_output(output), cache
 
-    @staticmethod
-    def _fill_cache(cache, fresh):
-        """Write a prompt's keys/values (indices 0..T-1) into an empty cache."""
-        fresh = ops.cast(fresh, cache.dtype)
-        length, cache_length = fresh.shape[CACHE_SLOT_AXIS], cache.shape[CACHE_SLOT_AXIS]
-        if length <= cache_length:
-            return ops.slice_update(cache, [0, 0, 0, 0, 0], fresh)
-        # Ring buffer shorter than the prompt: keep indices T-L..T-1, each in slot t % L.
-        tail = fresh[:, :, :, length - cache_length :]
-        return ops.roll(tail, shift=(length - cache_length) % cache_length, axis=CACHE_SLOT_AXIS)
-
     def _attend(self, query, key, value, attention_mask):
+        config = self.config
         batch, length = ops.shape(query)[0], ops.shape(query)[1]
-        groups = self.num_query_heads // self.num_key_value_heads
+        kv_heads, head_dim = config.num_key_value_heads, config.head_dim
         # Query head h reads key/value head h // groups.
-        query = ops.reshape(
-            query, (batch, length, self.num_key_value_heads, groups, self.head_dim)
-        )
+        query = ops.reshape(query, (batch, length, kv_heads, config.num_query_heads // kv_heads, head_dim))
         logits_dtype = wide_dtype(self.compute_dtype)
         query = ops.cast(query, logits_dtype) * ops.cast(
-            self.query_pre_attn_scalar**-0.5, logits_dtype
+            config.query_pre_attn_scalar**-0.5, logits_dtype
         )
         logits = ops.einsum("btkgh,bksh->bkgts", query, ops.cast(key, logits_dtype))
-        logits = soft_cap(logits, self.logit_soft_cap)
+        logits = soft_cap(logits, config.attention_logit_soft_cap)
         logits = ops.where(attention_mask[:, None, None, :, :], logits, MASK_VALUE)
         probabilities = ops.cast(ops.softmax(logits, axis=-1), value.dtype)
         output = ops.einsum("bkgts,bksh->btkgh", probabilities, value)
-        return ops.reshape(output, (batch, length, self.num_query_heads * self.head_dim))
+        return ops.reshape(output, (batch, length, config.num_query_heads * head_dim))
 
     def get_config(self):
-        return {
-            **super().get_config(),
-            "num_query_heads": self.num_query_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
-            "query_pre_attn_scalar": self.query_pre_attn_scalar,
-            "logit_soft_cap": self.logit_soft_cap,
-            "rope_max_wavelength": self.rope_max_wavelength,
-            "sliding_window_size": self.sliding_window_size,
-        }
+        return {**super().get_config(), "config": self.config.to_dict(), "layer_index": self.layer_index}
 
 
 class Gemma2FeedForward(keras.layers.Layer):
-    """GeGLU: down(gelu_tanh(gate(x)) * up(x))."""
+    """GeGLU: down(gelu_tanh(gate(x)) * up(x)), built from the model's config."""
 
-    def __init__(self, intermediate_dim, **kwargs):
+    def __init__(self, config, **kwargs):
         super().__init__(**kwargs)
-        self.intermediate_dim = intermediate_dim
+        self.config = Gemma2Config.from_dict(config) if isinstance(config, dict) else config
 
     def build(self, input_shape):
-        hidden_dim = input_shape[-1]
-
-        width = self.intermediate_dim
+        hidden_dim = self.config.hidden_dim
+        width = self.config.intermediate_dim
         self.gate = Projection.built("gate", width, hidden_dim, self.dtype_policy)
         self.up = Projection.built("up", width, hidden_dim, self.dtype_policy)
         # The gated product and the down projection can pass float16's range.
@@ -529,72 +485,38 @@ class Gemma2FeedForward(keras.layers.Layer):
         return self.down(gate * ops.cast(self.up(x), dtype))
 
     def get_config(self):
-        return {**super().get_config(), "intermediate_dim": self.intermediate_dim}
+        return {**super().get_config(), "config": self.config.to_dict()}
 
 
 class Gemma2DecoderBlock(keras.layers.Layer):
-    """Pre- and post-norm around attention and around the feed-forward.
+    """Layer `layer_index` of the model: pre- and post-norm around attention and around the GeGLU.
 
-    `call(x, padding_mask)` is the full-sequence forward; cached decoding
-    passes `positions`, `attention_mask`, `cache` and `cache_index` (see
-    Gemma2Attention) instead of building them from the padding mask.
+    Built from `(config, layer_index)`, the config being the one source of
+    every size; the layer index decides (through the config) whether it
+    slides. `call` takes what the backbone's forward prepared: positions, the
+    attention mask, and optionally this layer's cache (see Gemma2Attention).
     """
 
-    def __init__(
-        self,
-        hidden_dim,
-        intermediate_dim,
-        num_query_heads,
-        num_key_value_heads,
-        head_dim,
-        query_pre_attn_scalar,
-        attention_logit_soft_cap,
-        rope_max_wavelength,
-        layer_norm_epsilon,
-        sliding_window_size=None,
-        **kwargs,
-    ):
+    def __init__(self, config, layer_index, **kwargs):
         # The residual stream may be float32 under a float16 policy.
         super().__init__(autocast=False, **kwargs)
-        self.hidden_dim = hidden_dim
-        self.intermediate_dim = intermediate_dim
-        self.num_query_heads = num_query_heads
-        self.num_key_value_heads = num_key_value_heads
-        self.head_dim = head_dim
-        self.query_pre_attn_scalar = query_pre_attn_scalar
-        self.attention_logit_soft_cap = attention_logit_soft_cap
-        self.rope_max_wavelength = rope_max_wavelength
-        self.layer_norm_epsilon = layer_norm_epsilon
-        self.sliding_window_size = sliding_window_size
-
+        config = Gemma2Config.from_dict(config) if isinstance(config, dict) else config
+        self.config = config
+        self.layer_index = layer_index
         residual_dtype = wide_dtype(self.compute_dtype)
 
         def norm(name, output_dtype=None):
-            return RMSNorm(
-                layer_norm_epsilon, output_dtype, dtype=self.dtype_policy, name=name
-            )
+            return RMSNorm(config.layer_norm_epsilon, output_dtype, dtype=self.dtype_policy, name=name)
 
         self.pre_attention_norm = norm("pre_attention_norm")
-        self.attention = Gemma2Attention(
-            num_query_heads,
-            num_key_value_heads,
-            head_dim,
-            query_pre_attn_scalar,
-            attention_logit_soft_cap,
-            rope_max_wavelength,
-            sliding_window_size,
-            dtype=self.dtype_policy,
-            name="attention",
-        )
+        self.attention = Gemma2Attention(config, layer_index, dtype=self.dtype_policy, name="attention")
         self.post_attention_norm = norm("post_attention_norm", residual_dtype)
         self.pre_feedforward_norm = norm("pre_feedforward_norm")
-        self.feedforward = Gemma2FeedForward(
-            intermediate_dim, dtype=self.dtype_policy, name="feedforward"
-        )
+        self.feedforward = Gemma2FeedForward(config, dtype=self.dtype_policy, name="feedforward")
         self.post_feedforward_norm = norm("post_feedforward_norm", residual_dtype)
 
-    def build(self, input_shape):
-        hidden_shape = (None, None, self.hidden_dim)
+    def build(self, input_shape=None):
+        hidden_shape = (None, None, self.config.hidden_dim)
         for norm in (
             self.pre_attention_norm,
             self.post_attention_norm,
@@ -605,52 +527,18 @@ class Gemma2DecoderBlock(keras.layers.Layer):
         self.attention.build(hidden_shape)
         self.feedforward.build(hidden_shape)
 
-    def call(
-        self,
-        x,
-        padding_mask=None,
-        positions=None,
-        attention_mask=None,
-        cache=None,
-        cache_index=None,
-    ):
-        if attention_mask is None:
-            length = ops.shape(x)[1]
-            positions = ops.broadcast_to(ops.arange(length, dtype="int32")[None], ops.shape(x)[:2])
-            attention_mask = _sequence_mask(positions, padding_mask, self.sliding_window_size)
-
-        residual_dtype = wide_dtype(self.compute_dtype)
-        x = ops.cast(x, residual_dtype)
+    def call(self, x, positions, attention_mask, cache=None, cache_index=None, reads="chunk"):
+        x = ops.cast(x, wide_dtype(self.compute_dtype))
         h = self.pre_attention_norm(x)
-        h, cache = self.attention(h, positions, attention_mask, cache, cache_index)
+        h, cache = self.attention(h, positions, attention_mask, cache=cache, cache_index=cache_index, reads=reads)
         x = x + self.post_attention_norm(h)
         h = self.feedforward(self.pre_feedforward_norm(x))
         x = x + self.post_feedforward_norm(h)
-        if cache is None:
-            return x
-        return x, cache
+        return x if cache is None else (x, cache)
 
-    def compute_output_spec(self, x, padding_mask=None, **kwargs):
-        return keras.KerasTensor(x.shape, dtype=wide_dtype(self.compute_dtype))
+    def compute_output_spec(self, x, positions, attention_mask, cache=None, *args, **kwargs):
+        hidden = keras.KerasTensor(x.shape, dtype=wide_dtype(self.compute_dtype))
+        return hidden if cache is None else (hidden, keras.KerasTensor(cache.shape, dtype=cache.dtype))
 
     def get_config(self):
-        return {
-            **super().get_config(),
-            "hidden_dim": self.hidden_dim,
-            "intermediate_dim": self.intermediate_dim,
-            "num_query_heads": self.num_query_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
-            "query_pre_attn_scalar": self.query_pre_attn_scalar,
-            "attention_logit_soft_cap": self.attention_logit_soft_cap,
-            "rope_max_wavelength": self.rope_max_wavelength,
-            "layer_norm_epsilon": self.layer_norm_epsilon,
-            "sliding_window_size": self.sliding_window_size,
-        }
-
-
-def _sequence_mask(positions, padding_mask, sliding_window_size):
-    """Mask for a full sequence attending to itself."""
-    if padding_mask is None:
-        padding_mask = ops.ones_like(positions)
-    return attention_mask(positions, positions, padding_mask, sliding_window_size)
+        return {**super().get_config(), "config": self.config.to_dict(), "layer_index": self.layer_index}

@@ -10,8 +10,8 @@ import json
 import keras
 import numpy as np
 
-from keras_gemma2.model import layers
 from keras_gemma2.io import safetensors_files
+from keras_gemma2.model import layers, quantization
 
 PROJECTIONS = ("query", "key", "value", "attention_output", "gate", "up", "down")
 DEFAULT_TARGETS = ("query", "value")
@@ -67,8 +67,7 @@ def enable_lora(model, rank, target_layers=DEFAULT_TARGETS, alpha=None):
         raise ValueError(f"LoRA alpha must be a positive number or None (= rank), got {alpha!r}.")
     if lora_layers(model):
         raise ValueError("LoRA is already enabled on this model; merge_lora() first to add new adapters.")
-    quantized = sorted({str(layer.quantization_mode) for layer in _projection_layers(model.backbone, target_layers)
-                        if layer.quantization_mode is not None})
+    quantized = quantization.modes_of(_projection_layers(model.backbone, target_layers))
     if quantized:
         raise ValueError(
             f"This model is quantized ({', '.join(quantized)}); LoRA adapters train on float kernels. "
@@ -168,18 +167,13 @@ def _adapter_shapes(model, rank, targets):
 
 
 def merge_lora(model):
-    """A new Gemma2CausalLM without adapters whose kernels include them (same outputs)."""
-    from keras_gemma2.model.backbone import Gemma2Backbone
-    from keras_gemma2.causal_lm import Gemma2CausalLM
-
-    merged_kernels = {
-        layer._kernel.path: keras.ops.convert_to_numpy(layer.kernel) for layer in lora_layers(model)
+    """A new model of `model`'s class without adapters whose kernels include them (same outputs)."""
+    adapted = lora_layers(model)
+    adapters = {v.path for v in _adapter_variables(adapted)}
+    # An adapted layer's `kernel` is its base kernel plus (alpha / rank) A B, computed when read.
+    merged = {layer._kernel.path: (lambda layer=layer: layer.kernel) for layer in adapted}
+    weights = {
+        v.path: merged.get(v.path, v.value) for v in model.backbone.weights if v.path not in adapters
     }
-    backbone = Gemma2Backbone(model.config, dtype=model.backbone.dtype_policy)
-    source = {v.path: v for v in model.backbone.weights}
-    for variable in backbone.weights:
-        value = merged_kernels.get(variable.path)
-        if value is None:
-            value = keras.ops.convert_to_numpy(source[variable.path].value)
-        variable.assign(value)
-    return Gemma2CausalLM(backbone, tokenizer=model.tokenizer)
+    backbone = type(model.backbone).from_weights(model.config, weights, dtype=model.backbone.dtype_policy)
+    return type(model)(backbone, tokenizer=model.tokenizer)

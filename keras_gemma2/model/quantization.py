@@ -21,13 +21,28 @@ def quantizable(layer):
     return isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense, TiedEmbedding))
 
 
+def is_quantized(layer):
+    return getattr(layer, "quantization_mode", None) is not None
+
+
+def quantized_layers(model):
+    """The layers of `model` (a Gemma2CausalLM, a backbone or a layer) that are quantized.
+
+    The one place that says which layers are quantized: the saved policy
+    (Gemma2Backbone.get_config), the refusals of LoRA, presets and a second
+    quantize, and export all read it.
+    """
+    return [layer for layer in model._flatten_layers(include_self=False) if is_quantized(layer)]
+
+
+def modes_of(layers):
+    """Sorted quantization modes among `layers` (empty: all float)."""
+    return sorted({str(layer.quantization_mode) for layer in layers if is_quantized(layer)})
+
+
 def quantization_modes(model):
     """Sorted quantization modes found in `model`'s layers (empty: a float model)."""
-    return sorted({
-        str(layer.quantization_mode)
-        for layer in model._flatten_layers(include_self=False)
-        if layer.quantization_mode is not None
-    })
+    return modes_of(quantized_layers(model))
 
 
 def check_request(model, mode, config=None):

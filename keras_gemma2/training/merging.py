@@ -9,7 +9,11 @@ import os
 
 import numpy as np
 
-from keras_gemma2.checkpoints.presets import assign_weights, read_checkpoint, resolve_preset
+from keras_gemma2.causal_lm import Gemma2CausalLM
+from keras_gemma2.checkpoints.presets import read_checkpoint, resolve_preset
+from keras_gemma2.config import Gemma2Config
+from keras_gemma2.model.backbone import Gemma2Backbone
+from keras_gemma2.tokenizer import Gemma2Tokenizer
 
 
 def _is_real(value):
@@ -18,7 +22,7 @@ def _is_real(value):
 
 def _load(preset):
     directory = resolve_preset(preset)
-    config, tensors, tokenizer_path = read_checkpoint(directory)
+    config, tensors, tokenizer_path = read_checkpoint(directory, Gemma2Config)
     return config, tensors, tokenizer_path
 
 
@@ -37,12 +41,7 @@ def _check_same_architecture(reference, config, preset):
 
 
 def _build(config, sums, tokenizer_path, dtype):
-    from keras_gemma2.model.backbone import Gemma2Backbone
-    from keras_gemma2.causal_lm import Gemma2CausalLM
-    from keras_gemma2.tokenizer import Gemma2Tokenizer
-
-    backbone = Gemma2Backbone(config, dtype=dtype)
-    assign_weights(backbone, sums)
+    backbone = Gemma2Backbone.from_weights(config, sums, dtype=dtype)
     tokenizer = Gemma2Tokenizer(tokenizer_path) if tokenizer_path else None
     return Gemma2CausalLM(backbone, tokenizer=tokenizer)
 

@@ -23,9 +23,9 @@ from keras import ops
 
 from keras_gemma2.causal_lm import Gemma2CausalLM
 from keras_gemma2.io import safetensors_files
-from keras_gemma2.training.distillation import StudentTrainer
-from keras_gemma2.training.data import batch_at
 from keras_gemma2.io.atomic import atomic_write
+from keras_gemma2.training.data import batch_at
+from keras_gemma2.training.distillation import StudentTrainer
 
 MANIFEST = "manifest.json"
 

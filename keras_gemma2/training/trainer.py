@@ -17,10 +17,9 @@ import time
 import keras
 import numpy as np
 
-from keras_gemma2.io import safetensors_files
-from keras_gemma2.training.data import batch_at
-from keras_gemma2.io import atomic
+from keras_gemma2.io import atomic, safetensors_files
 from keras_gemma2.io.atomic import atomic_write
+from keras_gemma2.training.data import batch_at
 
 LATEST = "latest"
 

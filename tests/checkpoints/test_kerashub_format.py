@@ -15,13 +15,9 @@ import pytest
 
 keras_hub = pytest.importorskip("keras_hub")
 
-from keras_gemma2.checkpoints.presets import (  # noqa: E402
-    KERASHUB_TOKENIZER_FILE,
-    load_backbone,
-    load_causal_lm,
-    read_checkpoint,
-)
+from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM, Gemma2Config  # noqa: E402
 from keras_gemma2.checkpoints.kerashub_format import read_kerashub_preset  # noqa: E402
+from keras_gemma2.checkpoints.presets import KERASHUB_TOKENIZER_FILE, read_checkpoint  # noqa: E402
 
 VOCAB = 128  # the test SentencePiece model's size
 WINDOW = 4
@@ -159,7 +155,7 @@ def test_preset_is_what_kaggle_ships(kerashub_preset):
 
 
 def test_config_mapping(kerashub_preset):
-    config, tensors = read_kerashub_preset(kerashub_preset[0])
+    config, tensors = read_kerashub_preset(kerashub_preset[0], Gemma2Config)
     assert config.vocabulary_size == VOCAB
     assert config.num_layers == NUM_LAYERS
     assert config.hidden_dim == 32
@@ -181,7 +177,7 @@ def test_config_mapping(kerashub_preset):
 
 def test_blocks_map_by_creation_order_not_lexicographically(kerashub_preset):
     _, backbone, *_ = kerashub_preset
-    _, tensors = read_kerashub_preset(kerashub_preset[0])
+    _, tensors = read_kerashub_preset(kerashub_preset[0], Gemma2Config)
     for i, block in enumerate(backbone.transformer_layers):
         expected = {
             "pre_attention_norm/scale": block.pre_attention_norm.scale,
@@ -207,7 +203,7 @@ def test_blocks_map_by_creation_order_not_lexicographically(kerashub_preset):
 
 def test_logits_match_kerashub(kerashub_preset):
     directory, _, token_ids, padding_mask, reference = kerashub_preset
-    causal_lm = load_causal_lm(directory)
+    causal_lm = Gemma2CausalLM.from_preset(directory)
     ours = _our_logits(causal_lm, token_ids, padding_mask)
     assert _max_diff_on_real_tokens(ours, reference, padding_mask) <= 1e-4
 
@@ -233,9 +229,9 @@ def test_comparison_exercises_window_and_final_soft_cap(kerashub_preset):
 
 def test_tokenizer_is_found(kerashub_preset):
     directory = kerashub_preset[0]
-    _, _, tokenizer_path = read_checkpoint(directory)
+    _, _, tokenizer_path = read_checkpoint(directory, Gemma2Config)
     assert tokenizer_path == os.path.join(directory, KERASHUB_TOKENIZER_FILE)
-    causal_lm = load_causal_lm(directory)
+    causal_lm = Gemma2CausalLM.from_preset(directory)
     assert causal_lm.tokenizer is not None
     kerashub_tokenizer = keras_hub.models.GemmaTokenizer.from_preset(directory)
     text = "Hello, world! def add(a, b):"
@@ -253,31 +249,31 @@ def test_sharded_preset_loads_identically(kerashub_preset, tmp_path):
     assert "model.weights.json" in files and "model.weights.h5" not in files
     assert len(shards) > 1
 
-    _, single = read_kerashub_preset(directory)
-    config, split = read_kerashub_preset(sharded)
+    _, single = read_kerashub_preset(directory, Gemma2Config)
+    config, split = read_kerashub_preset(sharded, Gemma2Config)
     assert sorted(split) == sorted(single)
     assert len({loader.source_file for loader in split.values()}) == len(shards)
     for path in single:
         np.testing.assert_array_equal(split[path](), single[path](), err_msg=path)
 
-    ours = _our_logits(load_causal_lm(sharded), token_ids, padding_mask)
+    ours = _our_logits(Gemma2CausalLM.from_preset(sharded), token_ids, padding_mask)
     assert _max_diff_on_real_tokens(ours, reference, padding_mask) <= 1e-4
 
     os.remove(os.path.join(sharded, shards[-1]))
     with pytest.raises(FileNotFoundError, match=rf"missing weight shard\(s\) \['{shards[-1]}'\]"):
-        load_backbone(sharded)
+        Gemma2Backbone.from_preset(sharded)
 
 
 def test_bfloat16_preset(tmp_path):
     backbone = _randomized_backbone(2, dtype="bfloat16", **dict(GEMMA2_2B_STYLE, num_layers=1))
     backbone.save_to_preset(str(tmp_path / "bf16"))
-    _, tensors = read_kerashub_preset(str(tmp_path / "bf16"))
+    _, tensors = read_kerashub_preset(str(tmp_path / "bf16"), Gemma2Config)
     embeddings = tensors["token_embedding/embeddings"]()
     assert str(embeddings.dtype) == "bfloat16"
     np.testing.assert_array_equal(
         embeddings.astype("float32"), _numpy(backbone.token_embedding.embeddings)
     )
-    ours = load_backbone(str(tmp_path / "bf16"), dtype="float32")
+    ours = Gemma2Backbone.from_preset(str(tmp_path / "bf16"), dtype="float32")
     np.testing.assert_array_equal(
         _numpy(ours.final_norm.scale), _numpy(backbone.layer_norm.scale)
     )
@@ -288,7 +284,7 @@ def test_27b_style_query_scalar(tmp_path):
     backbone = _randomized_backbone(3, **GEMMA2_27B_STYLE)
     directory = str(tmp_path / "gemma2_27b_style")
     backbone.save_to_preset(directory)
-    config, _ = read_kerashub_preset(directory)
+    config, _ = read_kerashub_preset(directory, Gemma2Config)
     assert config.head_dim == 16
     assert config.query_pre_attn_scalar == 32 // 4  # hidden_dim // num_query_heads
 
@@ -302,7 +298,7 @@ def test_27b_style_query_scalar(tmp_path):
     token_ids, padding_mask = _inputs()
     reference = _kerashub_logits(backbone, token_ids, padding_mask)
     ours = _our_logits(
-        load_causal_lm(directory, query_pre_attn_scalar=effective), token_ids, padding_mask
+        Gemma2CausalLM.from_preset(directory, query_pre_attn_scalar=effective), token_ids, padding_mask
     )
     assert _max_diff_on_real_tokens(ours, reference, padding_mask) <= 1e-4
 
@@ -319,7 +315,7 @@ def test_27b_style_query_scalar(tmp_path):
 def test_rejects_other_architectures(preset_copy, class_name, match):
     _edit_config(preset_copy, class_name=class_name)
     with pytest.raises(ValueError, match=match):
-        load_backbone(preset_copy)
+        Gemma2Backbone.from_preset(preset_copy)
 
 
 @pytest.mark.parametrize(
@@ -336,7 +332,7 @@ def test_rejects_gemma1_flags(preset_copy, field, value):
     _edit_config(preset_copy, **{field: value})
     match = rf"config\.json is not a Gemma 2 preset .*Gemma 1.*`{field}`"
     with pytest.raises(ValueError, match=match):
-        load_backbone(preset_copy)
+        Gemma2Backbone.from_preset(preset_copy)
 
 
 def test_rejects_quantized_and_odd_intermediate(preset_copy):
@@ -345,16 +341,16 @@ def test_rejects_quantized_and_odd_intermediate(preset_copy):
         dtype={"class_name": "DTypePolicy", "config": {"name": "int8_from_float32"}},
     )
     with pytest.raises(ValueError, match=r"'int8_from_float32': a quantized KerasHub preset"):
-        load_backbone(preset_copy)
+        Gemma2Backbone.from_preset(preset_copy)
     _edit_config(preset_copy, dtype="float32", intermediate_dim=97)
     with pytest.raises(ValueError, match=r"`intermediate_dim` 97.*must be an even integer"):
-        load_backbone(preset_copy)
+        Gemma2Backbone.from_preset(preset_copy)
 
 
 def test_missing_weights_file(preset_copy):
     os.remove(os.path.join(preset_copy, "model.weights.h5"))
     with pytest.raises(FileNotFoundError, match=r"has no weights: expected model\.weights\.h5"):
-        load_backbone(preset_copy)
+        Gemma2Backbone.from_preset(preset_copy)
 
 
 def test_truncated_weights_file(preset_copy):
@@ -365,7 +361,7 @@ def test_truncated_weights_file(preset_copy):
     # A local folder (not a download cache): the fix is a complete copy, not a new download.
     match = r"model\.weights\.h5 is not a valid KerasHub weights file \(truncated or corrupt.*complete copy"
     with pytest.raises(OSError, match=match) as caught:
-        load_backbone(preset_copy)
+        Gemma2Backbone.from_preset(preset_copy)
     assert "download" not in str(caught.value).lower()
 
 
@@ -376,10 +372,10 @@ def test_shape_mismatch(preset_copy):
         match=r"'layers/reversible_embedding/vars/0' in .*model\.weights\.h5 has shape "
         r"\(128, 32\), but .*config\.json implies \(256, 32\)",
     ):
-        load_backbone(preset_copy)
+        Gemma2Backbone.from_preset(preset_copy)
 
 
 def test_layer_count_mismatch(preset_copy):
     _edit_config(preset_copy, num_layers=NUM_LAYERS - 1)
     with pytest.raises(ValueError, match=rf"holds {NUM_LAYERS} decoder blocks but .*num_layers=11"):
-        load_backbone(preset_copy)
+        Gemma2Backbone.from_preset(preset_copy)

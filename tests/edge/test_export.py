@@ -84,7 +84,8 @@ def _fc_weights(path):
 def test_int8_export_writes_every_block_its_own_weights(tiny_model, tmp_path, weights, Runner):
     """The int8 file is a converted two-block template with each block's weights written in."""
     from keras_gemma2.edge import litert_weights
-    from keras_gemma2.edge.export import _export_here, plan_export
+    from keras_gemma2.edge.export import _export_here
+    from keras_gemma2.edge.plan import plan_export
 
     if weights == "initial":  # Keras' initializers: every norm scale 0 (a multiply by 1)
         keras.utils.set_random_seed(1)
@@ -187,7 +188,7 @@ def test_int4_litert_through_ai_edge_quantizer(demo_teacher, tmp_path, Runner):
 
 @needs_tf
 def test_int8_saved_model_holds_keras_quantized_weights(demo_teacher, tmp_path, Runner):
-    from keras_gemma2.edge.export import _directory_bytes
+    from keras_gemma2.edge.litert_conversion import _directory_bytes
 
     ids = _held_out_ids(demo_teacher)[:100]
     quantized = keras_gemma2.from_preset("gemma2_demo_teacher", dtype="float32")

@@ -1,5 +1,6 @@
 """Export's default lengths fit the model, and a CLI export shows its stages as it goes."""
 
+import argparse
 import inspect
 import json
 import os
@@ -11,7 +12,8 @@ import pytest
 import keras_gemma2
 from helpers import TINY
 from keras_gemma2 import Gemma2Config, cli
-from keras_gemma2.edge.export import export_lengths, plan_export
+from keras_gemma2.edge import plan
+from keras_gemma2.edge.plan import export_lengths, plan_export
 
 
 @pytest.mark.parametrize("preset, cache_length, prefill_lengths, expected", [
@@ -36,6 +38,22 @@ def test_the_library_export_uses_the_same_defaults(tmp_path):
     assert (plan.cache_length, plan.prefill_lengths) == export_lengths(TINY)
     plan = plan_export(model, tmp_path / "m.tflite", "litert", None, 16, None)
     assert (plan.cache_length, plan.prefill_lengths) == (16, (16,))
+
+
+def test_the_cli_states_and_uses_the_library_defaults():
+    """`keras-gemma2 export --help` states export()'s defaults, from edge/plan.py, and hides the child's options."""
+    (commands,) = [a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    command = commands.choices["export"]
+    options = {action.dest: action for action in command._actions}
+    library = inspect.signature(keras_gemma2.export).parameters
+    for name in ("format", "quantization", "cache_length", "prefill_lengths"):
+        assert options[name].default == library[name].default, name
+        assert options[name].help == plan.HELP[name], name
+    text = " ".join(command.format_help().split())
+    for stated in (f"(default: {plan.DEFAULT_FORMAT})", "(default: none, float32)",
+                   f"(default: {plan.CACHE_LENGTH_TEXT})", f"(default: {plan.PREFILL_LENGTHS_TEXT})"):
+        assert stated in text, stated
+    assert "--tensorflow-child" not in text and "--stop-ids" not in text
 
 
 def test_cli_export_of_the_demo_preset_with_the_defaults_shows_its_stages(tmp_path, capsys):

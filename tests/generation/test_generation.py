@@ -7,7 +7,7 @@ import pytest
 from helpers import randomize_weights
 from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM, Gemma2Config, Gemma2Tokenizer
 from keras_gemma2 import backend
-from keras_gemma2.model import kv_cache
+from keras_gemma2.model.kv_cache import CacheLayout
 from keras_gemma2.generation.samplers import BeamSearch
 
 TINY = Gemma2Config.from_preset("gemma2_tiny_test")  # sliding window 4
@@ -62,13 +62,13 @@ def test_cached_greedy_equals_full_forward_for_three_windows(model):
 
 def test_cache_lengths_and_bytes():
     config = Gemma2Config.from_preset("gemma2_2b_en")
-    lengths = kv_cache.cache_lengths(config, 8192)
+    lengths = list(CacheLayout.rings(config, 8192).slots)
     assert lengths[:4] == [4096, 8192, 4096, 8192] and len(lengths) == 26
-    sliding = kv_cache.cache_bytes(config, 1, 8192, "bfloat16")
-    full = kv_cache.cache_bytes(config, 1, 8192, "bfloat16", sliding=False)
+    sliding = CacheLayout.rings(config, 8192).bytes(config, 1, "bfloat16")
+    full = CacheLayout.full(config, 8192).bytes(config, 1, "bfloat16")
     assert full == 26 * 8192 * 2 * 4 * 256 * 2  # layers * positions * (k, v) * kv heads * head_dim * bytes
     assert sliding / full == 0.75
-    caches = kv_cache.new_caches(TINY, 2, 20, "float32")
+    caches = CacheLayout.rings(TINY, 20).new_caches(TINY, 2, "float32")
     assert [tuple(c.shape) for c in caches] == [(2, 2, 2, 4, 16), (2, 2, 2, 20, 16), (2, 2, 2, 4, 16)]
 
 
@@ -128,9 +128,15 @@ def test_one_compilation_per_bucket():
 def test_no_forward_pass_after_the_last_token(monkeypatch):
     """The first token comes from prefill; a decode step only feeds a token that is kept."""
     model = tiny_model()
-    forwards = []
-    decode = kv_cache.decode
-    monkeypatch.setattr(kv_cache, "decode", lambda *a, **k: forwards.append(1) or decode(*a, **k))
+    forwards = []  # decode steps: forward passes of one token per row
+    forward_pass = Gemma2Backbone.forward_pass
+
+    def counting(self, token_ids, *args, **kwargs):
+        if token_ids.shape[1] == 1:
+            forwards.append(1)
+        return forward_pass(self, token_ids, *args, **kwargs)
+
+    monkeypatch.setattr(Gemma2Backbone, "forward_pass", counting)
     model.generate([[5, 6, 7]], max_new_tokens=1, stop_token_ids=())
     assert forwards == []
     if backend.compiles():
@@ -255,7 +261,7 @@ def test_chat_uses_the_template_and_stops_at_end_of_turn(text_model):
     answer = text_model.chat(messages, max_new_tokens=8, stop_token_ids=[free[2]])
     assert answer == tokenizer.detokenize(free[:2]) or free[2] in free[:2]
     # Default stop ids are looked up by piece: <eos> and <end_of_turn>.
-    assert set(text_model._default_stop_ids()) == {tokenizer.eos_token_id, tokenizer.end_of_turn_id}
+    assert set(text_model.default_stop_token_ids()) == {tokenizer.eos_token_id, tokenizer.end_of_turn_id}
 
 
 # ---- bad input: clear errors before any compilation ----------------------------------------
@@ -296,5 +302,5 @@ def test_low_precision_generation_uses_a_compute_dtype_cache(dtype):
     randomize_weights(model)
     tokens = model.generate([[3, 4, 5]], max_new_tokens=6, stop_token_ids=())[0]
     assert len(tokens) == 6 and (0 <= tokens).all() and (tokens < TINY.vocabulary_size).all()
-    assert model.kv_cache_bytes(1, 22) == kv_cache.cache_bytes(TINY, 1, 22, dtype)
-    assert model.kv_cache_bytes(1, 22) * 2 == kv_cache.cache_bytes(TINY, 1, 22, "float32")
+    assert model.kv_cache_bytes(1, 22) == CacheLayout.rings(TINY, 22).bytes(TINY, 1, dtype)
+    assert model.kv_cache_bytes(1, 22) * 2 == CacheLayout.rings(TINY, 22).bytes(TINY, 1, "float32")

@@ -5,7 +5,8 @@
 
 `--baseline DIR` (a source tree of another revision, e.g. from `git worktree add DIR REV`)
 adds that revision's keras_gemma2 on every backend to the same interleaved rounds, so a
-change is measured against what it replaced under the same machine drift.
+change is measured against what it replaced under the same machine drift; such a run writes
+benchmarks/results/generate-vs-baseline.md instead of generate.md.
 
 One ~150M-parameter Gemma 2 with random float32 weights (vocabulary 32000, so it fits a
 small CPU) is written once, in a temporary directory, as a KerasHub preset. Every system
@@ -44,6 +45,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results", "generate.md")
+BASELINE_RESULTS = os.path.join(HERE, "results", "generate-vs-baseline.md")  # --baseline runs
 
 # ~150M parameters: 24.6M embedding (tied) + 12 x 10.3M.
 MODEL = dict(
@@ -838,8 +840,9 @@ def main(args):
     say(f"Load average at end {' / '.join(f'{x:.2f}' for x in os.getloadavg())}; "
         f"total run {time.perf_counter() - started:.0f} s")
 
-    atomic_write(RESULTS, "\n".join(lines) + "\n")
-    print(f"\nWrote {os.path.relpath(RESULTS, os.getcwd())}")
+    path = BASELINE_RESULTS if args.baseline else RESULTS
+    atomic_write(path, "\n".join(lines) + "\n")
+    print(f"\nWrote {os.path.relpath(path, os.getcwd())}")
 
 
 def parse(argv=None):

@@ -72,12 +72,10 @@ def export(
     """
     plan = plan_export(model, path, format, quantization, cache_length, prefill_lengths)
     if keras.backend.backend() == "tensorflow" and model.backbone.compute_dtype == "float32":
-        return _export_here(model.backbone, model.tokenizer, plan, _stop_ids(model), progress=progress)
+        return _export_here(
+            model.backbone, model.tokenizer, plan, model.default_stop_token_ids(), progress=progress
+        )
     return _export_in_child(model, plan, progress)
-
-
-def _stop_ids(model):
-    return [int(i) for i in model.default_stop_token_ids()]
 
 
 def _export_here(backbone, tokenizer, plan, stop_ids, stitch=True, progress=None, stage=None):
@@ -181,11 +179,7 @@ def _stage_count(plan, backbone, stitch=True):
 
 
 def _quantizes_a_copy(plan, backbone):
-    return bool(plan.format == "saved_model" and plan.quantization and not _keras_quantized(backbone))
-
-
-def _keras_quantized(backbone):
-    return bool(quantization_modes(backbone))
+    return bool(plan.format == "saved_model" and plan.quantization and not quantization_modes(backbone))
 
 
 def _quantized_copy(backbone, mode):
@@ -215,7 +209,7 @@ def _export_in_child(model, plan, progress=None):
             "--format", plan.format,
             "--cache-length", str(plan.cache_length),
             "--prefill-lengths", *[str(p) for p in plan.prefill_lengths],
-            CHILD_OPTION, STOP_IDS_OPTION, *[str(i) for i in _stop_ids(model)],
+            CHILD_OPTION, STOP_IDS_OPTION, *[str(i) for i in model.default_stop_token_ids()],
         ]
         if plan.quantization:
             command += ["--quantization", plan.quantization]
@@ -299,7 +293,7 @@ def export_preset(preset, path, format=DEFAULT_FORMAT, quantization=DEFAULT_QUAN
     plan = plan_export(model, path, format, quantization, cache_length, prefill_lengths)
     if log:
         log(f"loaded {preset} in {time.time() - start:.1f} s")
-    stop_ids = list(stop_ids) if stop_ids else _stop_ids(model)
+    stop_ids = list(stop_ids) if stop_ids else model.default_stop_token_ids()
     return _export_here(model.backbone, model.tokenizer, plan, stop_ids, stage=stage)
 
 

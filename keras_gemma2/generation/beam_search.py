@@ -10,7 +10,7 @@ import numpy as np
 from keras import ops
 
 from keras_gemma2 import backend
-from keras_gemma2.generation.generator import left_pad
+from keras_gemma2.generation.generator import decode_step, left_pad, prefill
 from keras_gemma2.model import kv_cache
 
 _IMPOSSIBLE = -1e30
@@ -26,12 +26,8 @@ def _build(model, batch_size, bucket, max_new_tokens, num_beams, stop_ids, windo
     generator = model.generator
 
     def search(prompt, padding):
-        if backend.compiles():
-            generator.compilations += 1
-        caches = layout.new_caches(config, batch_size, backbone.compute_dtype)
-        positions = ops.arange(bucket, dtype="int32")[None, :] - padding[:, None]
-        hidden, caches = backbone.forward_pass(prompt, positions, caches, 0, layout)
-        logits = backbone.logits(hidden[:, -1:])[:, 0]
+        generator.count_trace()
+        logits, caches = prefill(backbone, layout, prompt, padding)
         # Every prompt row becomes num_beams identical rows; only beam 0 starts alive.
         expand = ops.repeat(ops.arange(batch_size, dtype="int32"), num_beams)
         caches = [ops.take(cache, expand, axis=0) for cache in caches]
@@ -50,11 +46,9 @@ def _build(model, batch_size, bucket, max_new_tokens, num_beams, stop_ids, windo
         def body(step, caches, sources, token, scores, tokens, token_logprobs, done):
             # The cache follows the kept beams, then takes their last token.
             caches = [ops.take(cache, sources, axis=0) for cache in caches]
-            index = bucket + step - 1
-            hidden, caches = backbone.forward_pass(
-                ops.reshape(token, (rows, 1)), index - padding[:, None], caches, index, layout
+            logits, caches = decode_step(
+                backbone, layout, ops.reshape(token, (rows,)), padding, caches, bucket + step - 1
             )
-            logits = backbone.logits(hidden)[:, 0]
             return (step + 1, caches, *select(step, logits, scores, tokens, token_logprobs, done))
 
         step, _, _, _, scores, tokens, token_logprobs, _ = ops.while_loop(

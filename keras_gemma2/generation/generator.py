@@ -36,6 +36,24 @@ def left_pad(prompts, max_new_tokens, max_sequence_length):
     return padded, padding, bucket
 
 
+def prefill(backbone, layout, prompt, padding):
+    """Left-padded prompts [B, bucket] into empty caches: (float32 logits of the last index, caches).
+
+    Row b's pad tokens get negative positions, so nothing attends to them.
+    """
+    caches = layout.new_caches(backbone.config, ops.shape(prompt)[0], backbone.compute_dtype)
+    positions = ops.arange(prompt.shape[1], dtype="int32")[None, :] - padding[:, None]
+    hidden, caches = backbone.forward_pass(prompt, positions, caches, 0, layout)
+    return backbone.logits(hidden[:, -1:])[:, 0], caches
+
+
+def decode_step(backbone, layout, token, padding, caches, index):
+    """One token per row, `token` [B], at cache index `index`: (float32 logits [B, vocab], caches)."""
+    positions = index - padding[:, None]
+    hidden, caches = backbone.forward_pass(token[:, None], positions, caches, index, layout)
+    return backbone.logits(hidden)[:, 0], caches
+
+
 class Generator:
     """Owns the compiled prefill/decode functions of one Gemma2CausalLM."""
 
@@ -55,6 +73,11 @@ class Generator:
             self._functions[key] = build()
         return self._functions[key]
 
+    def count_trace(self):
+        """Count one trace of a compiled function (call it inside the traced Python)."""
+        if backend.compiles():
+            self.compilations += 1  # runs once per trace, not per call
+
     def functions(self, batch_size, bucket, max_new_tokens, sampler, stop_ids, window):
         """(prefill, decode loop) for one shape of request, compiled on first use."""
         key = (batch_size, bucket, max_new_tokens, sampler, stop_ids, window)
@@ -70,10 +93,6 @@ class Generator:
         )
         stop = np.array(stop_ids or [-1], "int32")
 
-        def count_trace():
-            if backend.compiles():
-                self.compilations += 1  # runs once per trace, not per call
-
         def choose(logits, step, seed, tokens, logprobs, done):
             """Sample step `step`'s token per row; finished rows get 0 (never fed back)."""
             token = sampler.select(logits, ops.stack([seed, step]))
@@ -86,12 +105,9 @@ class Generator:
 
         def start(prompt, padding, seed):
             """Prefill and the first token: all time-to-first-token costs, nothing more."""
-            count_trace()
+            self.count_trace()
             batch = ops.shape(prompt)[0]
-            caches = layout.new_caches(backbone.config, batch, backbone.compute_dtype)
-            positions = ops.arange(bucket, dtype="int32")[None, :] - padding[:, None]
-            hidden, caches = backbone.forward_pass(prompt, positions, caches, 0, layout)
-            logits = backbone.logits(hidden[:, -1:])[:, 0]
+            logits, caches = prefill(backbone, layout, prompt, padding)
             token, tokens, logprobs, done = choose(
                 logits, ops.zeros((), "int32"), seed,
                 ops.zeros((batch, max_new_tokens), "int32"),
@@ -109,16 +125,15 @@ class Generator:
             The forward pass feeds a token that was already sampled, so none is
             spent on logits nobody reads (after the last token or a stop).
             """
-            count_trace()
+            self.count_trace()
 
             def cond(step, token, caches, tokens, logprobs, done):
                 return ops.logical_and(step < stop_at, ops.logical_not(ops.all(done)))
 
             def body(step, token, caches, tokens, logprobs, done):
-                index = bucket + step - 1
-                positions = index - state["padding"][:, None]
-                hidden, caches = backbone.forward_pass(token[:, None], positions, caches, index, layout)
-                logits = backbone.logits(hidden)[:, 0]
+                logits, caches = decode_step(
+                    backbone, layout, token, state["padding"], caches, bucket + step - 1
+                )
                 token, tokens, logprobs, done = choose(logits, step, seed, tokens, logprobs, done)
                 return step + 1, token, caches, tokens, logprobs, done
 

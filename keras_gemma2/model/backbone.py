@@ -34,10 +34,12 @@ def decoder_forward(token_embedding, blocks, final_norm, config, token_ids, posi
     if caches is None:
         if padding_mask is None:
             padding_mask = ops.ones_like(token_ids)
-        layout = kv_cache.CacheLayout.rings(config, 0)  # for its windows only
+        windows = kv_cache.layer_windows(config)
         caches = [None] * config.num_layers
     elif padding_mask is not None:
         raise ValueError("A cached forward marks padding with negative positions, not padding_mask.")
+    else:
+        windows = layout.windows
     length = token_ids.shape[1]
     static_start = isinstance(cache_index, (int, np.integer))
 
@@ -45,7 +47,7 @@ def decoder_forward(token_embedding, blocks, final_norm, config, token_ids, posi
 
     def mask_and_reads(layer):
         """The keys layer `layer` reads (see Gemma2Attention) and its mask, shared by like layers."""
-        window = layout.windows[layer]
+        window = windows[layer]
         if caches[layer] is None:
             key = (window, None, "chunk")
         elif static_start and cache_index == 0:  # an empty cache: the chunk alone

@@ -65,16 +65,22 @@ def write(cache, fresh, start):
     length, slots = fresh.shape[SLOT_AXIS], cache.shape[SLOT_AXIS]
     if length == 1:
         return ops.slice_update(cache, [0, 0, 0, ops.mod(start, slots), 0], fresh)
-    if isinstance(start, (int, np.integer)):
-        source = held_indices(int(start) + length, slots) - int(start)
-        if start + length <= slots:  # no wrap
-            return ops.slice_update(cache, [0, 0, 0, int(start), 0], fresh)
-        if (source >= 0).all():  # every slot is rewritten: the chunk's latest indices, in ring order
-            return ops.take(fresh, source, axis=SLOT_AXIS)
+    static = isinstance(start, (int, np.integer))
+    if static and start + length <= slots:  # no wrap
+        return ops.slice_update(cache, [0, 0, 0, int(start), 0], fresh)
     source = held_indices(start + length, slots) - start  # chunk entry per slot; < 0: untouched
+    if static and (source >= 0).all():  # every slot rewritten: the chunk's latest, in ring order
+        return ops.take(fresh, source, axis=SLOT_AXIS)
     written = ops.take(fresh, ops.clip(source, 0, length - 1), axis=SLOT_AXIS)
     keep_old = (source < 0)[None, None, None, :, None]
     return ops.where(keep_old, cache, written)
+
+
+def layer_windows(config):
+    """Each layer's attention window: the config's on sliding layers, None on global ones."""
+    return tuple(
+        config.sliding_window_size if config.is_sliding(i) else None for i in range(config.num_layers)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,18 +97,14 @@ class CacheLayout:
         `extra` = k lets a step of k + 1 tokens be verified and k of them
         rolled back (speculative decoding) without losing a key still needed.
         """
-        windows = tuple(
-            config.sliding_window_size if config.is_sliding(i) else None
-            for i in range(config.num_layers)
-        )
+        windows = layer_windows(config)
         slots = tuple(length if w is None else min(w + extra, length) for w in windows)
         return cls(slots, windows)
 
     @classmethod
     def full(cls, config, length):
         """Every layer keeps `length` indices (sliding layers still mask to their window)."""
-        ring = cls.rings(config, length)
-        return cls((length,) * config.num_layers, ring.windows)
+        return cls((length,) * config.num_layers, layer_windows(config))
 
     def shape(self, layer, config, batch_size):
         return (batch_size, 2, config.num_key_value_heads, self.slots[layer], config.head_dim)

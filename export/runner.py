@@ -1,16 +1,29 @@
 """On-device reference runner for an exported Gemma 2 (LiteRT .tflite or SavedModel).
 
 It does what a phone app does, with only numpy, sentencepiece and the plain
-`ai_edge_litert` interpreter (no Keras, no Flex delegate): tokenize (BOS
-first), pick the smallest prefill bucket that holds the prompt, run
-`prefill_{P}`, then call `decode` once per token, feeding the caches it
-returns back in, until a stop id, the token budget or the end of the cache.
+`ai_edge_litert` interpreter (no Keras, no Flex delegate), over the signature
+contract of Google's LiteRT-LM engine (see keras_gemma2/edge/export.py):
+
+* the KV caches (`kv_cache_k_{i}`, `kv_cache_v_{i}` per layer, float32 [1,
+  kv_heads, cache_length, head_dim]) start as zeros and are carried by name
+  from each call's outputs into the next call's inputs;
+* the prompt (BOS first) but its last token is prefilled in chunks:
+  `prefill_{T}` takes `tokens` int32 [1, T] and `input_pos` int32 [T] and
+  returns the caches. Each chunk uses the largest bucket T not longer than
+  what remains, or the smallest bucket when every bucket is longer; its unused
+  rows get token 0 at position 0, as the engine fills them. A prompt is only
+  limited by the cache, not by the buckets;
+* `decode` (`tokens` [1, 1], `input_pos` [1] and the caches -> `logits`
+  [1, 1, vocab] and the caches) runs the last prompt token at its position,
+  which gives the first token's logits, then each picked token in turn, until
+  a stop id, the token budget or the end of the cache.
 
     python export/runner.py model.tflite "def fib(n):" --max-new-tokens 64
     python export/runner.py model.tflite --chat "Why is the sky blue?"
     python export/runner.py saved_model_dir "prompt"          # a SavedModel export
 
 Library use: `Runner.load(path).generate("prompt")`, `.stream(...)`, `.chat(messages)`.
+A .litertlm bundle runs in the LiteRT-LM engine itself (`keras-gemma2 run`).
 """
 
 import json
@@ -64,12 +77,19 @@ class Runner:
         self.cache_length = metadata["cache_length"]
         self.prefill_lengths = sorted(metadata["prefill_lengths"])
         self.stop_ids = set(metadata["stop_token_ids"])
+        self.cache_names = [name for pair in metadata["cache_names"] for name in pair]
+        self.cache_shape = tuple(metadata["cache_shape"])
         self.stats = {}
 
     @classmethod
     def load(cls, path, num_threads=None):
         """A .tflite file (metadata `<stem>.json` beside it) or a SavedModel directory."""
         path = os.path.abspath(path)
+        if path.endswith(".litertlm"):
+            raise ValueError(
+                f"{path} is a LiteRT-LM bundle: it runs in the LiteRT-LM engine (`keras-gemma2 run`). "
+                "This runner drives the .tflite and SavedModel exports."
+            )
         if path.endswith(".tflite"):
             directory, stem = os.path.dirname(path), os.path.basename(path)[: -len(".tflite")]
             metadata = _read_json(os.path.join(directory, f"{stem}.json"))
@@ -106,56 +126,92 @@ class Runner:
         ]
         return "".join(turns) + template["generation_prompt"]
 
-    # ---- the two signatures -------------------------------------------------
-    def _prefill(self, ids):
-        """Run the smallest bucket that holds `ids`; returns its outputs and the bucket."""
-        bucket = next((p for p in self.prefill_lengths if p >= len(ids)), None)
-        if bucket is None:
-            raise ValueError(
-                f"Prompt of {len(ids)} tokens exceeds the largest prefill bucket "
-                f"{self.prefill_lengths[-1]}; re-export with a larger prefill length."
+    # ---- the signatures -----------------------------------------------------
+    def empty_caches(self):
+        """Every layer's key and value cache, zeros, by input name."""
+        return {name: np.zeros(self.cache_shape, np.float32) for name in self.cache_names}
+
+    def chunks(self, count):
+        """The buckets that prefill `count` tokens: the largest not longer than what remains,
+        else (the rest is shorter than every bucket) the smallest."""
+        buckets = []
+        while count > 0:
+            fitting = [p for p in self.prefill_lengths if p <= count]
+            bucket = fitting[-1] if fitting else self.prefill_lengths[0]
+            buckets.append(bucket)
+            count -= min(bucket, count)
+        return buckets
+
+    def _prefill(self, ids, caches, start=0):
+        """Write `ids` (at positions start, start + 1, ...) into `caches`, chunk by chunk.
+
+        Returns the caches and the buckets used. A chunk's unused rows get
+        token 0 at position 0, as the LiteRT-LM engine fills them.
+        """
+        buckets = self.chunks(len(ids))
+        offset = 0
+        for bucket in buckets:
+            chunk = ids[offset: offset + bucket]
+            tokens = np.zeros((1, bucket), np.int32)
+            tokens[0, : len(chunk)] = chunk
+            positions = np.zeros((bucket,), np.int32)
+            positions[: len(chunk)] = np.arange(start + offset, start + offset + len(chunk))
+            outputs = self.session(
+                self.metadata["signatures"]["prefill"][str(bucket)],
+                tokens=tokens, input_pos=positions, **caches,
             )
-        tokens = np.zeros((1, bucket), np.int32)
-        tokens[0, : len(ids)] = ids
+            caches = {name: outputs[name] for name in self.cache_names}
+            offset += len(chunk)
+        return caches, buckets
+
+    def _decode(self, caches, token, position):
+        """One step: `token` at `position` with `caches`; returns its logits [vocab] and the caches."""
         outputs = self.session(
-            self.metadata["signatures"]["prefill"][str(bucket)],
-            tokens=tokens, length=np.array(len(ids), np.int32),
-        )
-        return outputs, bucket
-
-    def _decode(self, outputs, token, position):
-        """One step: `token` at `position`, with the caches from the previous outputs."""
-        caches = {name: value for name, value in outputs.items() if name.startswith("cache_")}
-        return self.session(
             self.metadata["signatures"]["decode"],
-            token=np.array([[token]], np.int32), position=np.array(position, np.int32), **caches,
+            tokens=np.array([[token]], np.int32), input_pos=np.array([position], np.int32), **caches,
         )
+        return outputs["logits"][0, -1], {name: outputs[name] for name in self.cache_names}
 
-    # ---- generation ---------------------------------------------------------
-    def token_stream(self, prompt, max_new_tokens=64, temperature=0.0, seed=0):
-        """Yield generated token ids one at a time (the stop id is not yielded)."""
-        ids = self.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+    def _start(self, ids):
+        """Prefill ids[:-1], then decode ids[-1] at its position: the first logits, the caches, buckets."""
+        caches, buckets = self._prefill(ids[:-1], self.empty_caches())
+        logits, caches = self._decode(caches, ids[-1], len(ids) - 1)
+        return logits, caches, buckets
+
+    def _check_prompt(self, ids):
         if not ids:
             raise ValueError("Empty prompt.")
         if len(ids) >= self.cache_length:
             raise ValueError(
-                f"Prompt of {len(ids)} tokens does not fit the {self.cache_length}-position cache."
+                f"Prompt of {len(ids)} tokens does not fit the {self.cache_length}-position cache "
+                f"(at most {self.cache_length - 1} prompt tokens); re-export with a larger cache_length."
             )
+
+    # ---- generation ---------------------------------------------------------
+    def token_stream(self, prompt, max_new_tokens=64, temperature=0.0, seed=0):
+        """Yield generated token ids one at a time (the stop id is not yielded).
+
+        `stats`: prompt_tokens, chunks (the prefill buckets used, in order),
+        prefill_s (time to the first logits: the chunks and the last prompt
+        token's decode), decode_steps and decode_s (the steps after it).
+        """
+        ids = self.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        self._check_prompt(ids)
         rng = np.random.default_rng(seed)
         start = time.perf_counter()
-        outputs, bucket = self._prefill(ids)
-        self.stats = {"prompt_tokens": len(ids), "bucket": bucket,
+        logits, caches, buckets = self._start(ids)
+        self.stats = {"prompt_tokens": len(ids), "chunks": buckets,
                       "prefill_s": time.perf_counter() - start, "decode_steps": 0, "decode_s": 0.0}
         position = len(ids)
-        for _ in range(max_new_tokens):
-            token = _pick(outputs["logits"][0], temperature, rng)
+        for step in range(max_new_tokens):
+            token = _pick(logits, temperature, rng)
             if token in self.stop_ids:
                 return
             yield token
-            if position >= self.cache_length:  # the cache is full: no room for another step
+            if step == max_new_tokens - 1 or position >= self.cache_length:  # done, or the cache is full
                 return
             start = time.perf_counter()
-            outputs = self._decode(outputs, token, position)
+            logits, caches = self._decode(caches, token, position)
             self.stats["decode_steps"] += 1
             self.stats["decode_s"] += time.perf_counter() - start
             position += 1
@@ -181,17 +237,19 @@ class Runner:
     def teacher_forced_argmax(self, ids, prompt_length=1):
         """Top-1 prediction for each of ids[prompt_length:], feeding the true tokens.
 
-        Prefills ids[:prompt_length], then decodes the given tokens one by one;
-        entry t predicts ids[prompt_length + t]. For quantization checks.
+        Prefills ids[:prompt_length] (chunked, as a prompt), then decodes the
+        given tokens one by one; entry t predicts ids[prompt_length + t]. For
+        quantization checks.
         """
         ids = [int(i) for i in ids][: self.cache_length]
-        outputs, _ = self._prefill(ids[:prompt_length])
+        self._check_prompt(ids[:prompt_length])
+        logits, caches, _ = self._start(ids[:prompt_length])
         predictions = []
         for position in range(prompt_length, len(ids)):
-            predictions.append(int(np.argmax(outputs["logits"][0])))
+            predictions.append(int(np.argmax(logits)))
             if position == len(ids) - 1:
                 break
-            outputs = self._decode(outputs, ids[position], position)
+            logits, caches = self._decode(caches, ids[position], position)
         return np.array(predictions, np.int32)
 
 
@@ -226,8 +284,9 @@ def main(argv=None):
     for piece in runner.stream(prompt, args.max_new_tokens, args.temperature):
         print(piece, end="", flush=True)
     stats = runner.stats
+    chunks = "+".join(str(bucket) for bucket in stats["chunks"]) or "none"
     print(
-        f"\n[prefill {stats['prompt_tokens']} tokens (bucket {stats['bucket']}) in "
+        f"\n[prefill {stats['prompt_tokens']} tokens (chunks {chunks}) in "
         f"{stats['prefill_s'] * 1000:.0f} ms; {stats['decode_steps']} decode steps "
         f"at {stats['decode_steps'] / max(stats['decode_s'], 1e-9):.1f} tok/s]",
         file=sys.stderr,

@@ -16,6 +16,7 @@ import time
 
 import keras_gemma2
 from keras_gemma2 import cli_startup
+from keras_gemma2.edge import litertlm_engine
 from keras_gemma2.edge import plan as export_plan
 from keras_gemma2.edge.export import CHILD_OPTION, STOP_IDS_OPTION, run_export_child
 from keras_gemma2.io import atomic
@@ -149,7 +150,40 @@ class _ExportProgress:
               file=sys.stderr, flush=True)
 
 
+def _bundle_options(args):
+    """The engine's sampling options from run/chat's flags (the ones it has)."""
+    unused = [flag for flag, value in (("--dtype", getattr(args, "dtype", None)),
+                                       ("--min-p", getattr(args, "min_p", None)),
+                                       ("--sliding-window-size", getattr(args, "sliding_window_size", None)))
+              if value is not None]
+    sampler = getattr(args, "sampler", None)
+    if sampler not in (None, "greedy", "temperature", "top_k", "top_p"):
+        unused.append(f"--sampler {sampler}")
+    if unused:
+        raise ValueError(f"{', '.join(unused)}: not available in the LiteRT-LM engine; drop them "
+                         "(it samples with --temperature, --top-k, --top-p, --seed).")
+    greedy = sampler == "greedy"
+    return {"temperature": None if greedy else args.temperature, "top_k": None if greedy else args.top_k,
+            "top_p": None if greedy else args.top_p, "seed": args.seed}
+
+
+def _run_bundle(args):
+    options = _bundle_options(args)
+    engine = litertlm_engine.BundleEngine(args.bundle, threads=args.threads)
+    try:
+        for piece in engine.stream(args.prompt, max_new_tokens=args.max_new_tokens, **options):
+            print(piece, end="", flush=True)
+        print()
+    finally:
+        engine.close()
+
+
 def _chat(args):
+    if (args.bundle is None) == (args.preset is None):
+        raise ValueError("chat needs a model: --preset NAME (Keras) or a .litertlm bundle path (LiteRT-LM), "
+                         "not both.")
+    if args.bundle is not None:
+        return _chat_with_bundle(args)
     options = _generation_kwargs(args)
     model = _load_for_text(args)
     messages = []
@@ -176,6 +210,35 @@ def _chat(args):
             print(piece, end="", flush=True)
         print(flush=True)
         messages.append({"role": "model", "content": "".join(reply)})
+
+
+def _chat_with_bundle(args):
+    options = _bundle_options(args)
+    engine = litertlm_engine.BundleEngine(args.bundle, threads=args.threads)
+    chat = engine.start_chat(max_new_tokens=args.max_new_tokens, **options)
+    print("Chat with the LiteRT-LM engine. /reset starts over, /exit (or Ctrl-D) quits.", flush=True)
+    try:
+        while True:
+            try:
+                line = input("you> ")
+            except EOFError:
+                print()
+                return
+            if line.strip() == "/exit":
+                return
+            if line.strip() == "/reset":  # a new session: an empty cache
+                chat.close()
+                chat = engine.start_chat(max_new_tokens=args.max_new_tokens, **options)
+                continue
+            if not line.strip():
+                continue
+            print("model> ", end="", flush=True)
+            for piece in chat.send(line):
+                print(piece, end="", flush=True)
+            print(flush=True)
+    finally:
+        chat.close()
+        engine.close()
 
 
 def _merge(args):
@@ -547,8 +610,9 @@ def _add_training_options(parser):
 _DTYPE_HELP = "float32, bfloat16, float16 or a mixed policy such as mixed_bfloat16 (default: float32)"
 
 
-def _add_generation_options(parser):
-    parser.add_argument("--preset", required=True, help="name, directory, kaggle:// or hf:// handle")
+def _add_generation_options(parser, preset_required=True):
+    parser.add_argument("--preset", required=preset_required, default=None,
+                        help="name, directory, kaggle:// or hf:// handle")
     parser.add_argument("--dtype", default=None, help=_DTYPE_HELP)
     parser.add_argument("--max-new-tokens", type=int, default=128,
                         help="tokens to generate at most (fewer if a stop token comes)")
@@ -636,9 +700,32 @@ def build_parser():
     generate.add_argument("prompt")
     generate.set_defaults(run=_generate)
 
-    chat = commands.add_parser("chat", help="interactive multi-turn chat (instruction-tuned presets)")
-    _add_generation_options(chat)
+    chat = commands.add_parser(
+        "chat", help="interactive multi-turn chat (instruction-tuned presets, or a .litertlm bundle)"
+    )
+    chat.add_argument("bundle", nargs="?", default=None,
+                      help="a .litertlm to chat with in the LiteRT-LM engine, instead of --preset")
+    _add_generation_options(chat, preset_required=False)
+    chat.add_argument("--threads", type=int, default=None,
+                      help="CPU threads of the LiteRT-LM engine (default: the engine's choice)")
     chat.set_defaults(run=_chat)
+
+    run = commands.add_parser(
+        "run", help="continue a prompt with a .litertlm bundle in LiteRT-LM, the phone runtime, streaming"
+    )
+    run.add_argument("bundle", help="a .litertlm written by export")
+    run.add_argument("prompt")
+    run.add_argument("--max-new-tokens", type=int, default=128,
+                     help="tokens to generate at most (fewer if a stop token comes)")
+    run.add_argument("--temperature", type=float, default=None,
+                     help="sample at this temperature (default: greedy unless a sampling flag is given)")
+    run.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: off)")
+    run.add_argument("--top-p", type=float, default=None,
+                     help="sample from the smallest set reaching this probability (default: off)")
+    run.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: 0)")
+    run.add_argument("--threads", type=int, default=None,
+                     help="CPU threads of the LiteRT-LM engine (default: the engine's choice)")
+    run.set_defaults(run=_run_bundle)
 
     train = commands.add_parser("train", help="next-token training on text files")
     train.add_argument("--preset", required=True, help="preset, directory, or JSON config file")
@@ -660,7 +747,7 @@ def build_parser():
     distill.set_defaults(run=_distill)
 
     export = commands.add_parser(
-        "export", help="LiteRT (.tflite) or SavedModel with prefill/decode signatures"
+        "export", help="LiteRT-LM (.litertlm), LiteRT (.tflite) or SavedModel with prefill/decode signatures"
     )
     export.add_argument("--preset", required=True, help="name, directory, kaggle:// or hf:// handle")
     # Defaults and help texts: edge/plan.py's, the library export()'s.

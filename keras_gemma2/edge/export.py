@@ -1,25 +1,28 @@
-"""Edge export: LiteRT (.tflite) and SavedModel with prefill/decode signatures.
+"""Edge export: LiteRT-LM (.litertlm), LiteRT (.tflite) and SavedModel, one signature contract.
 
-A phone app needs more than a logits graph: it prefills the prompt once, then
-calls one decode step per token, carrying the KV cache between calls. The
-artifact therefore has
+The contract is the one Google's LiteRT-LM engine runs (Android, iOS,
+desktop), so the same graph serves the phone runtime, the plain LiteRT
+interpreter and export/runner.py:
 
-* `prefill_{P}` for each prompt bucket P: `tokens` int32 [1, P] (the prompt
-  at the start, anything after `length`), `length` int32 [] -> `logits`
-  float32 [1, vocab] of the last prompt token and `cache_0..cache_{L-1}`;
-* `decode`: `token` int32 [1, 1], `position` int32 [] (the token's index in
-  the text) and the caches -> `logits` and the updated caches.
+* `prefill_{T}` for each bucket T: `tokens` int32 [1, T], `input_pos` int32
+  [T] (the positions of a chunk; unused rows get token 0 at position 0) and
+  the caches -> the caches. A long prompt is several calls, each reading what
+  the cache holds and writing at its positions;
+* `decode`: `tokens` int32 [1, 1], `input_pos` int32 [1] and the caches ->
+  `logits` float32 [1, 1, vocab] and the caches.
 
-Both trace the model's one cached forward (`Gemma2Backbone.forward_pass`),
-as `Gemma2CausalLM.generate` does. Layer l's cache is
-[1, 2, kv_heads, slots_l, head_dim]: global layers hold `cache_length` slots,
-sliding layers a ring of min(window, cache_length) slots (position p in slot
-p % slots). Shapes are static and the ops are TFLite builtins only, so the
-file runs in the plain `ai_edge_litert` interpreter (no Flex delegate).
+Layer l's caches are `kv_cache_k_l` and `kv_cache_v_l`, float32 [1,
+kv_heads, cache_length, head_dim] (position p at index p), each an input and
+an output under the same name (the engine binds one buffer for both). The
+sliding window is applied by masks built inside the graph from the
+positions, exact on every sliding layer. Both signatures trace the model's
+one cached forward (`Gemma2Backbone.forward_pass`), as `generate` does.
+Shapes are static and the ops are TFLite builtins only (no Flex delegate).
 
-The graph is traced on Keras' TensorFlow backend. A model loaded under JAX or
-PyTorch is saved to a temporary preset and exported by a child process with
-KERAS_BACKEND=tensorflow (a process has one Keras backend).
+A .litertlm bundles the .tflite with the tokenizer and LLM metadata
+(edge/litertlm_bundle.py). The graph is traced on Keras' TensorFlow backend:
+a model loaded under JAX or PyTorch is saved to a temporary preset and
+exported by a child process with KERAS_BACKEND=tensorflow.
 """
 
 import collections
@@ -34,6 +37,7 @@ import keras
 from keras_gemma2.causal_lm import Gemma2CausalLM
 from keras_gemma2.edge import litert_weights
 from keras_gemma2.edge.litert_conversion import convert_file, quantize_int4
+from keras_gemma2.edge.litertlm_bundle import write_bundle
 from keras_gemma2.edge.plan import DEFAULT_FORMAT, DEFAULT_QUANTIZATION, METADATA_NAME, plan_export
 from keras_gemma2.edge.signatures import build_signatures, metadata
 from keras_gemma2.io.atomic import staging_directory
@@ -55,9 +59,12 @@ def export(
 ):
     """Export `model` (a Gemma2CausalLM) for on-device generation; returns the artifact path.
 
-    `format`: "litert" (path ends in .tflite; the tokenizer and a metadata file
-    are written beside it as `<stem>.tokenizer.model` / `<stem>.json`) or
-    "saved_model" (path is a new directory; tokenizer and metadata inside).
+    `format`: None (the default) reads it from the suffix: ".litertlm" is a
+    LiteRT-LM bundle (model, tokenizer and metadata in one file, what the
+    phone runtime loads); ".tflite" is "litert" (the tokenizer and a metadata
+    file are written beside it as `<stem>.tokenizer.model` / `<stem>.json`);
+    "saved_model" must be asked for (path is a new directory; tokenizer and
+    metadata inside).
     `quantization`: None (float32), "int8" or "int4". LiteRT: the converter's
     per-channel int8 weights with float activations / ai-edge-quantizer's
     channel-wise int4. SavedModel: the weights of a Keras-quantized copy of the
@@ -91,7 +98,7 @@ def _export_here(backbone, tokenizer, plan, stop_ids, stitch=True, progress=None
     import tensorflow as tf
 
     parent = os.path.dirname(plan.path)
-    stitched = stitch and plan.format == "litert" and plan.quantization == "int8"
+    stitched = stitch and plan.format != "saved_model" and plan.quantization == "int8"
     if stage is None:
         stage = _Steps(progress, _stage_count(plan, backbone, stitch))
     if _quantizes_a_copy(plan, backbone):
@@ -101,7 +108,7 @@ def _export_here(backbone, tokenizer, plan, stop_ids, stitch=True, progress=None
     try:
         module, concrete, slots = build_signatures(
             backbone, plan.cache_length, plan.prefill_lengths,
-            int8_lookup=plan.format == "litert" and plan.quantization is not None,
+            int8_lookup=plan.format != "saved_model" and plan.quantization is not None,
             template=stitched, stage=stage,
         )
         stage("saving the SavedModel")
@@ -122,9 +129,9 @@ def _export_here(backbone, tokenizer, plan, stop_ids, stitch=True, progress=None
             os.replace(saved_model, plan.path)
             return plan.path
 
-        stem = os.path.basename(plan.path)[: -len(".tflite")]
+        stem = os.path.splitext(os.path.basename(plan.path))[0]
         files = {
-            "model": os.path.basename(plan.path),
+            "model": f"{stem}.tflite",
             "tokenizer": f"{stem}.tokenizer.model" if tokenizer is not None else None,
         }
         staged_model = os.path.join(staging, files["model"])
@@ -140,6 +147,16 @@ def _export_here(backbone, tokenizer, plan, stop_ids, stitch=True, progress=None
         if plan.quantization == "int4":
             stage("quantizing the weights to int4 (ai-edge-quantizer)")
             quantize_int4(staged_model)
+        if plan.format == "litertlm":
+            stage("writing the .litertlm bundle (model, tokenizer, metadata)")
+            staged_bundle = os.path.join(staging, os.path.basename(plan.path))
+            files = {"bundle": os.path.basename(plan.path)}
+            write_bundle(
+                staged_model, tokenizer.save_assets(staging),
+                metadata(backbone, tokenizer, plan, stop_ids, slots, files), staged_bundle,
+            )
+            os.replace(staged_bundle, plan.path)
+            return plan.path
         stage("writing the tokenizer and metadata")
         if tokenizer is not None:
             os.replace(tokenizer.save_assets(staging), os.path.join(staging, files["tokenizer"]))
@@ -173,7 +190,7 @@ def _stage_count(plan, backbone, stitch=True):
     """How many stages `_export_here` reports (the progress bar's length)."""
     count = int(_quantizes_a_copy(plan, backbone)) + len(plan.prefill_lengths) + 1  # + decode
     count += 2  # saving the SavedModel; then writing files (saved_model) or converting (litert)
-    if plan.format == "litert":
+    if plan.format != "saved_model":
         count += 1 + int(stitch and plan.quantization == "int8") + int(plan.quantization == "int4")
     return count
 

@@ -282,12 +282,18 @@ def stitch(template_path, output_path, backbone):
                     lookup["table"] = tensor.buffer
                 elif shape == (vocab,):
                     scale_gathers.append((subgraph, op))
-        expected = {name: config.num_layers for name in (*PROJECTIONS, *POST_NORMS)}
+        # A prefill signature outputs only caches: the last block computes its keys and values,
+        # and the converter drops the rest of it (nothing reads its output).
+        has_logits = any(site[0] == s for site in logits_sites)
+        expected = {
+            name: config.num_layers - int(not has_logits and name not in ("key", "value"))
+            for name in (*PROJECTIONS, *POST_NORMS)
+        }
         found = {name: counts[name] for name in expected}
         if counts and found != expected:
             raise RuntimeError(
                 f"LiteRT int8 export: signature {subgraph.name!r} has weights for {found} blocks, "
-                f"expected {config.num_layers} of each; the template did not convert as expected."
+                f"expected {expected}; the template did not convert as expected."
             )
     if logits_sites and ("table" not in lookup or not scale_gathers):
         raise RuntimeError("LiteRT int8 export: the template has no int8 token lookup table.")

@@ -10,14 +10,17 @@ import os
 import keras
 import numpy as np
 
+from keras_gemma2.edge import litertlm_bundle
 from keras_gemma2.io.atomic import probe_write
 from keras_gemma2.model import lora
 from keras_gemma2.model.quantization import quantization_modes
 
-FORMATS = ("litert", "saved_model")
+FORMATS = ("litertlm", "litert", "saved_model")
+# The file suffix of each file format (a SavedModel is a directory).
+SUFFIXES = {".litertlm": "litertlm", ".tflite": "litert"}
 QUANTIZATIONS = (None, "int8", "int4")
 # export()'s and the CLI's defaults (None lengths: derived from the model by export_lengths).
-DEFAULT_FORMAT = "litert"
+DEFAULT_FORMAT = None  # from the path's suffix (format_of)
 DEFAULT_QUANTIZATION = None  # float32
 DEFAULT_CACHE_LENGTH = 1024
 DEFAULT_PREFILL_LENGTHS = (32, 128, 512)
@@ -29,8 +32,11 @@ PREFILL_LENGTHS_TEXT = (
 )
 # The help of each export argument, its default stated (the CLI's `export` options use these).
 HELP = {
-    "path": "a .tflite file (litert) or a new directory (saved_model)",
-    "format": f"{' or '.join(FORMATS)} (default: {DEFAULT_FORMAT})",
+    "path": (
+        "a .litertlm bundle (LiteRT-LM, the phone runtime), a .tflite file (the plain LiteRT "
+        "interpreter) or a new directory (saved_model)"
+    ),
+    "format": f"{' or '.join(FORMATS)} (default: from the path's suffix)",
     "quantization": (
         f"{' or '.join(q for q in QUANTIZATIONS if q)} "
         f"(default: {DEFAULT_QUANTIZATION or 'none, float32'})"
@@ -74,25 +80,17 @@ def export_lengths(config, cache_length=None, prefill_lengths=None):
 
 def plan_export(model, path, format, quantization, cache_length, prefill_lengths):
     """Validate every argument; raise ValueError naming the problem and the fix."""
-    if format not in FORMATS:
-        raise ValueError(f"Unknown export format {format!r}; use one of {FORMATS}.")
+    path = os.path.abspath(os.fspath(path))
+    format = format_of(path, format)
     if quantization not in QUANTIZATIONS:
         raise ValueError(
             f"Unknown quantization {quantization!r}; use None (float32), 'int8' or 'int4'."
         )
-    path = os.path.abspath(os.fspath(path))
-    if format == "litert" and not path.endswith(".tflite"):
-        raise ValueError(f"A LiteRT export is a .tflite file; got {path!r}. Add the .tflite suffix.")
     if format == "saved_model":
-        if path.endswith(".tflite"):
-            raise ValueError(
-                f"A SavedModel is a directory, not a .tflite file: {path!r}. "
-                "Use format='litert' or a directory path."
-            )
         if os.path.exists(path):
             raise FileExistsError(f"{path} already exists; export will not overwrite a directory.")
     elif os.path.isdir(path):
-        raise ValueError(f"{path} is a directory; give the .tflite file's path.")
+        raise ValueError(f"{path} is a directory; give the {_suffix_of(format)} file's path.")
     _check_writable(os.path.dirname(path))
 
     config = model.config
@@ -126,7 +124,7 @@ def plan_export(model, path, format, quantization, cache_length, prefill_lengths
         )
     quantized = quantization_modes(model.backbone)
     if quantized:
-        if format == "litert":
+        if format != "saved_model":
             raise ValueError(
                 f"This model was quantized in Keras ({', '.join(quantized)}); for LiteRT export the "
                 "float model and pass quantization='int8' / 'int4' (the converter quantizes)."
@@ -143,9 +141,45 @@ def plan_export(model, path, format, quantization, cache_length, prefill_lengths
                 f"{quantized[0]!r} (the export process quantizes it)."
             )
         quantization = quantized[0]
+    if format == "litertlm":
+        litertlm_bundle.check_available()
+        if getattr(model, "tokenizer", None) is None:
+            raise ValueError(
+                "A .litertlm bundle carries the tokenizer, and this model has none; load it with "
+                "its tokenizer (from_preset) or export to .tflite (token ids in, logits out)."
+            )
     return ExportPlan(
         path, format, quantization, int(cache_length), tuple(sorted({int(p) for p in prefill_lengths}))
     )
+
+
+def format_of(path, format=None):
+    """The export format of `path`: `format` checked against the suffix, or read from it."""
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    if format is not None and format not in FORMATS:
+        raise ValueError(f"Unknown export format {format!r}; use one of {FORMATS} (or None: from the suffix).")
+    if format == "saved_model":
+        if suffix in SUFFIXES:
+            raise ValueError(
+                f"A SavedModel is a directory, not a {suffix} file: {path!r}. "
+                f"Use format={SUFFIXES[suffix]!r} or a directory path."
+            )
+        return format
+    if suffix not in SUFFIXES:
+        raise ValueError(
+            f"Unknown export suffix {suffix or '(none)'!r} in {path!r}: end the path in .litertlm "
+            "(LiteRT-LM bundle) or .tflite (LiteRT), or pass format='saved_model' for a directory."
+        )
+    if format is not None and SUFFIXES[suffix] != format:
+        raise ValueError(
+            f"A {format} export is a {_suffix_of(format)} file; got {path!r}. "
+            f"Use the {_suffix_of(format)} suffix or drop format= (the suffix decides)."
+        )
+    return SUFFIXES[suffix]
+
+
+def _suffix_of(format):
+    return next(suffix for suffix, name in SUFFIXES.items() if name == format)
 
 
 def _check_writable(directory):

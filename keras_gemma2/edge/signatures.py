@@ -15,9 +15,14 @@ from keras_gemma2.tokenizer import Gemma2Tokenizer
 from keras_gemma2.version import __version__
 
 
+def cache_names(layer):
+    """The engine's names of layer `layer`'s key and value caches (inputs and outputs alike)."""
+    return f"kv_cache_k_{layer}", f"kv_cache_v_{layer}"
+
+
 def build_signatures(backbone, cache_length, prefill_lengths, int8_lookup=False, template=False,
                      stage=None):
-    """A tf.Module with `prefill_{P}` and `decode` tf.functions over the backbone's weights.
+    """A tf.Module with `prefill_{T}` and `decode` tf.functions over the backbone's weights.
 
     The module holds the backbone's underlying tf.Variables (not the Keras
     layers): traced under a StatelessScope that maps each Keras variable to
@@ -30,16 +35,16 @@ def build_signatures(backbone, cache_length, prefill_lengths, int8_lookup=False,
     from keras import ops
 
     config = backbone.config
-    layout = kv_cache.CacheLayout.rings(config, cache_length)
-    slots = list(layout.slots)
-    keras_variables = list(backbone.variables)
+    layout = kv_cache.CacheLayout.full(config, cache_length)
+    layers = range(config.num_layers)
+    cache_shape = (1, config.num_key_value_heads, cache_length, config.head_dim)
     cache_specs = [
-        tf.TensorSpec(layout.shape(i, config, 1), tf.float32, name=f"cache_{i}")
-        for i in range(config.num_layers)
+        tf.TensorSpec(cache_shape, tf.float32, name=name) for i in layers for name in cache_names(i)
     ]
 
     module = tf.Module()
-    sources = litert_weights.template_sources(backbone) if template else keras_variables
+    sources = litert_weights.template_sources(backbone) if template else list(backbone.variables)
+    keras_variables = list(backbone.variables)
     tf_variables = {}  # one tf.Variable per source (the template shares them across blocks)
     for source in sources:
         if id(source) not in tf_variables:
@@ -69,50 +74,56 @@ def build_signatures(backbone, cache_length, prefill_lengths, int8_lookup=False,
             finally:
                 embedding.int8_lookup = None
 
-    def named(logits, caches):
-        return {"logits": logits, **{f"cache_{i}": c for i, c in enumerate(caches)}}
+    def run(tokens, input_pos, flat_caches, extra_slots):
+        """The chunk at positions `input_pos` through the cached forward; returns hidden, named caches.
+
+        The engine fills a bucket's unused rows with token 0 at position 0.
+        Row r is run at position and index input_pos[0] + r instead, so those
+        rows are later than every real one: no real query sees them, and the
+        next call rewrites them before reading them. `extra_slots` indices
+        past the cache keep them from wrapping onto index 0 (BOS).
+        """
+        start = input_pos[0]
+        positions = start + ops.arange(tokens.shape[1], dtype="int32")
+        caches = [(flat_caches[2 * i], flat_caches[2 * i + 1]) for i in layers]
+        if extra_slots:
+            past_the_end = [(0, 0), (0, 0), (0, extra_slots), (0, 0)]
+            caches = kv_cache.map_caches(lambda cache: ops.pad(cache, past_the_end), caches)
+        run_layout = kv_cache.CacheLayout.full(config, cache_length + extra_slots)
+        hidden, caches = backbone.forward_pass(tokens, positions[None, :], caches, start, run_layout)
+        if extra_slots:
+            caches = kv_cache.map_caches(lambda cache: cache[:, :, :cache_length], caches)
+        named = {}
+        for i, pair in zip(layers, caches):
+            for name, cache in zip(cache_names(i), pair):
+                named[name] = cache
+        return hidden, named
 
     def make_prefill(bucket):
         @tf.function(
             input_signature=[
                 tf.TensorSpec((1, bucket), tf.int32, name="tokens"),
-                tf.TensorSpec((), tf.int32, name="length"),
+                tf.TensorSpec((bucket,), tf.int32, name="input_pos"),
+                *cache_specs,
             ]
         )
-        def prefill(tokens, length):
+        def prefill(tokens, input_pos, *caches):
             with scope():
-                pad = bucket - length
-                # Left-padded, as generate does: the prompt ends at index bucket - 1 and
-                # its pad tokens have negative positions (never attended to).
-                index = ops.arange(bucket, dtype="int32")
-                aligned = ops.take(tokens, ops.mod(index - pad, bucket), axis=1)
-                whole = kv_cache.CacheLayout.full(config, bucket)
-                hidden, filled = backbone.forward_pass(
-                    aligned, (index - pad)[None, :], whole.new_caches(config, 1, "float32"), 0, whole
-                )
-                # Into the decode layout, where index == position: slot s of a layer
-                # keeps the position the ring rule gives it (held_indices), found at
-                # index position + pad of the prefill's cache; empty slots are masked.
-                caches = []
-                for cache, n in zip(filled, slots):
-                    source = ops.clip(kv_cache.held_indices(length, n) + pad, 0, bucket - 1)
-                    caches.append(ops.take(cache, source, axis=kv_cache.SLOT_AXIS))
-                return named(backbone.logits(hidden[:, -1:])[:, 0], caches)
+                return run(tokens, input_pos, caches, bucket - 1)[1]  # the engine never reads its logits
 
         return prefill
 
     @tf.function(
         input_signature=[
-            tf.TensorSpec((1, 1), tf.int32, name="token"),
-            tf.TensorSpec((), tf.int32, name="position"),
+            tf.TensorSpec((1, 1), tf.int32, name="tokens"),
+            tf.TensorSpec((1,), tf.int32, name="input_pos"),
             *cache_specs,
         ]
     )
-    def decode(token, position, *caches):
+    def decode(tokens, input_pos, *caches):
         with scope():
-            positions = ops.reshape(position, (1, 1))
-            hidden, caches = backbone.forward_pass(token, positions, list(caches), position, layout)
-            return named(backbone.logits(hidden)[:, 0], caches)
+            hidden, named = run(tokens, input_pos, caches, 0)
+            return {"logits": backbone.logits(hidden), **named}
 
     signatures = {f"prefill_{p}": make_prefill(p) for p in prefill_lengths}
     signatures["decode"] = decode
@@ -123,10 +134,11 @@ def build_signatures(backbone, cache_length, prefill_lengths, int8_lookup=False,
         if stage:
             stage(f"tracing the {name} signature")
         concrete[name] = function.get_concrete_function()
-    return module, concrete, slots
+    return module, concrete, list(layout.slots)
 
 
 def metadata(backbone, tokenizer, plan, stop_ids, slots, files):
+    """The export's description for runners: files, signatures, cache names and shapes, tokens."""
     config = backbone.config
     return {
         "format": plan.format,
@@ -136,7 +148,8 @@ def metadata(backbone, tokenizer, plan, stop_ids, slots, files):
         "cache_dtype": "float32",
         "cache_length": plan.cache_length,
         "cache_slots": slots,
-        "cache_shape": [1, 2, config.num_key_value_heads, None, config.head_dim],
+        "cache_names": [list(cache_names(i)) for i in range(config.num_layers)],
+        "cache_shape": [1, config.num_key_value_heads, plan.cache_length, config.head_dim],
         "prefill_lengths": list(plan.prefill_lengths),
         "signatures": {
             "prefill": {str(p): f"prefill_{p}" for p in plan.prefill_lengths},

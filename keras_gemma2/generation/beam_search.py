@@ -30,7 +30,7 @@ def _build(model, batch_size, bucket, max_new_tokens, num_beams, stop_ids, windo
         logits, caches = prefill(backbone, layout, prompt, padding)
         # Every prompt row becomes num_beams identical rows; only beam 0 starts alive.
         expand = ops.repeat(ops.arange(batch_size, dtype="int32"), num_beams)
-        caches = [ops.take(cache, expand, axis=0) for cache in caches]
+        caches = kv_cache.map_caches(lambda cache: ops.take(cache, expand, axis=0), caches)
         logits = ops.take(logits, expand, axis=0)
         padding = ops.take(padding, expand, axis=0)
         first = ops.where(ops.arange(num_beams) == 0, 0.0, _IMPOSSIBLE)
@@ -45,7 +45,7 @@ def _build(model, batch_size, bucket, max_new_tokens, num_beams, stop_ids, windo
 
         def body(step, caches, sources, token, scores, tokens, token_logprobs, done):
             # The cache follows the kept beams, then takes their last token.
-            caches = [ops.take(cache, sources, axis=0) for cache in caches]
+            caches = kv_cache.map_caches(lambda cache: ops.take(cache, sources, axis=0), caches)
             logits, caches = decode_step(
                 backbone, layout, ops.reshape(token, (rows,)), padding, caches, bucket + step - 1
             )

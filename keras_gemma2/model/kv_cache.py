@@ -1,7 +1,10 @@
 """The KV cache: which slot holds which index, and which keys a query may see.
 
-A layer's cache is [batch, 2 (key, value), kv_heads, slots, head_dim]:
-head-major, so both attention products read it in place. Cache index t
+A layer's cache is a (key, value) pair, each [batch, kv_heads, slots,
+head_dim]: head-major, so both attention products read it in place, and
+kept apart, so a step writes and reads each without copying the other (an
+export's graph then carries them as the engine's separate key and value
+buffers with no stacking or slicing). Cache index t
 (shared by every row of a batch) lives in slot `t % slots`: a layer with
 fewer slots than indices is a ring that keeps the latest ones. That rule is
 `held_indices`; everything else (writing a chunk, the key positions of a
@@ -22,7 +25,7 @@ import dataclasses
 import numpy as np
 from keras import ops
 
-SLOT_AXIS = 3
+SLOT_AXIS = 2
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -54,7 +57,7 @@ def held_indices(end, slots):
 
 
 def write(cache, fresh, start):
-    """`cache` with `fresh` [batch, 2, kv_heads, T, head_dim] written at indices start..start+T-1.
+    """`cache` with `fresh` [batch, kv_heads, T, head_dim] written at indices start..start+T-1.
 
     Each index goes to its ring slot; when T exceeds the slots only the
     latest indices stay. One token is a single dynamic slice update (the
@@ -64,16 +67,21 @@ def write(cache, fresh, start):
     fresh = ops.cast(fresh, cache.dtype)
     length, slots = fresh.shape[SLOT_AXIS], cache.shape[SLOT_AXIS]
     if length == 1:
-        return ops.slice_update(cache, [0, 0, 0, ops.mod(start, slots), 0], fresh)
+        return ops.slice_update(cache, [0, 0, ops.mod(start, slots), 0], fresh)
     static = isinstance(start, (int, np.integer))
     if static and start + length <= slots:  # no wrap
-        return ops.slice_update(cache, [0, 0, 0, int(start), 0], fresh)
+        return ops.slice_update(cache, [0, 0, int(start), 0], fresh)
     source = held_indices(start + length, slots) - start  # chunk entry per slot; < 0: untouched
     if static and (source >= 0).all():  # every slot rewritten: the chunk's latest, in ring order
         return ops.take(fresh, source, axis=SLOT_AXIS)
     written = ops.take(fresh, ops.clip(source, 0, length - 1), axis=SLOT_AXIS)
-    keep_old = (source < 0)[None, None, None, :, None]
+    keep_old = (source < 0)[None, None, :, None]
     return ops.where(keep_old, cache, written)
+
+
+def map_caches(function, caches):
+    """`function` applied to every key and value cache (e.g. gathering rows to follow beams)."""
+    return [(function(key), function(value)) for key, value in caches]
 
 
 def layer_windows(config):
@@ -89,6 +97,8 @@ class CacheLayout:
 
     slots: tuple
     windows: tuple
+    # Full length: every index written is below the slots (the caller's contract), so no ring wraps.
+    never_wraps: bool = False
 
     @classmethod
     def rings(cls, config, length, extra=0):
@@ -104,14 +114,18 @@ class CacheLayout:
     @classmethod
     def full(cls, config, length):
         """Every layer keeps `length` indices (sliding layers still mask to their window)."""
-        return cls((length,) * config.num_layers, layer_windows(config))
+        return cls((length,) * config.num_layers, layer_windows(config), never_wraps=True)
 
     def shape(self, layer, config, batch_size):
-        return (batch_size, 2, config.num_key_value_heads, self.slots[layer], config.head_dim)
+        """The shape of layer `layer`'s key cache, and of its value cache."""
+        return (batch_size, config.num_key_value_heads, self.slots[layer], config.head_dim)
 
     def new_caches(self, config, batch_size, dtype):
-        """Zeroed caches, one per layer."""
-        return [ops.zeros(self.shape(i, config, batch_size), dtype) for i in range(len(self.slots))]
+        """Zeroed caches: a (key, value) pair per layer."""
+        return [
+            (ops.zeros(self.shape(i, config, batch_size), dtype), ops.zeros(self.shape(i, config, batch_size), dtype))
+            for i in range(len(self.slots))
+        ]
 
     def bytes(self, config, batch_size, dtype):
         per_slot = 2 * config.num_key_value_heads * config.head_dim * _ITEMSIZE[str(dtype)]
@@ -121,9 +135,10 @@ class CacheLayout:
         """Whether a chunk can be written first and the layer then read from the cache alone.
 
         True when writing `chunk_length` indices cannot evict a key any of
-        them still needs: a global layer (its slots cover every index) or a
-        ring of at least window + chunk_length - 1 slots. Otherwise the chunk
-        attends to the cache as it was plus itself, then is written.
+        them still needs: a global layer or a full-length layout (their slots
+        cover every index) or a ring of at least window + chunk_length - 1
+        slots. Otherwise the chunk attends to the cache as it was plus itself,
+        then is written.
         """
         window = self.windows[layer]
-        return window is None or self.slots[layer] >= window + chunk_length - 1
+        return self.never_wraps or window is None or self.slots[layer] >= window + chunk_length - 1

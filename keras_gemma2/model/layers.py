@@ -381,7 +381,8 @@ class Gemma2Attention(keras.layers.Layer):
       then the chunk is written (a chunk that would evict keys it still needs).
 
     Keys and values are head-major, [batch, kv_heads, keys, head_dim], the
-    cache's layout. Returns `(output, cache)`; the cache is None without one.
+    layout of the cache, a (key, value) pair. Returns `(output, cache)`; the
+    cache is None without one.
     """
 
     def __init__(self, config, layer_index, **kwargs):
@@ -423,18 +424,25 @@ class Gemma2Attention(keras.layers.Layer):
 
         if cache is None:
             return self.attention_output(self._attend(query, key, value, attention_mask)), None
-        fresh = ops.stack([key, value], axis=1)
+        key_cache, value_cache = cache
+
+        def written():
+            return kv_cache.write(key_cache, key, cache_index), kv_cache.write(value_cache, value, cache_index)
+
         if reads == "cache":
-            cache = kv_cache.write(cache, fresh, cache_index)
-            output = self._attend(query, cache[:, 0], cache[:, 1], attention_mask)
+            key_cache, value_cache = written()
+            output = self._attend(query, key_cache, value_cache, attention_mask)
         elif reads == "cache_and_chunk":
-            both = ops.concatenate([cache, ops.cast(fresh, cache.dtype)], axis=kv_cache.SLOT_AXIS)
-            output = self._attend(query, both[:, 0], both[:, 1], attention_mask)
-            cache = kv_cache.write(cache, fresh, cache_index)
+            both = [
+                ops.concatenate([c, ops.cast(fresh, c.dtype)], axis=kv_cache.SLOT_AXIS)
+                for c, fresh in ((key_cache, key), (value_cache, value))
+            ]
+            output = self._attend(query, *both, attention_mask)
+            key_cache, value_cache = written()
         else:
             output = self._attend(query, key, value, attention_mask)
-            cache = kv_cache.write(cache, fresh, cache_index)
-        return self.attention_output(output), cache
+            key_cache, value_cache = written()
+        return self.attention_output(output), (key_cache, value_cache)
 
     def _attend(self, query, key, value, attention_mask):
         config = self.config
@@ -538,7 +546,9 @@ class Gemma2DecoderBlock(keras.layers.Layer):
 
     def compute_output_spec(self, x, positions, attention_mask, cache=None, *args, **kwargs):
         hidden = keras.KerasTensor(x.shape, dtype=wide_dtype(self.compute_dtype))
-        return hidden if cache is None else (hidden, keras.KerasTensor(cache.shape, dtype=cache.dtype))
+        if cache is None:
+            return hidden
+        return hidden, tuple(keras.KerasTensor(c.shape, dtype=c.dtype) for c in cache)
 
     def get_config(self):
         return {**super().get_config(), "config": self.config.to_dict(), "layer_index": self.layer_index}

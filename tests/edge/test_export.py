@@ -1,6 +1,7 @@
 """Edge export: LiteRT / SavedModel signatures driven by the on-device runner (export/runner.py)."""
 
 import os
+import re
 import sys
 
 import keras
@@ -12,9 +13,10 @@ from helpers import TINY, randomize_weights
 
 ON_TF = keras.backend.backend() == "tensorflow"
 needs_tf = pytest.mark.skipif(not ON_TF, reason="in-process export traces with TensorFlow; other backends go through a child process (tested once)")
-# Prompts shorter than, equal to and longer than the window (4): the ring is exercised in prefill and decode.
+# Prompts shorter than, equal to and longer than the window (4): the window is exercised in prefill and decode.
 PROMPTS = ([2, 5, 9], [2, 5, 9, 17, 33, 40, 41], list(range(2, 15)))
 CACHE = 24
+BUCKETS = (4, 8, 16)
 
 
 @pytest.fixture(scope="module")
@@ -29,16 +31,57 @@ def _reference(model, prompt):
     return [int(t) for t in np.asarray(tokens[0])]
 
 
+@pytest.fixture(scope="module", params=["litert", "saved_model"])
+def float_export(request, tiny_model, tmp_path_factory):
+    """The tiny model's float export (cache CACHE, buckets BUCKETS) as .tflite and as SavedModel."""
+    format = request.param
+    path = tmp_path_factory.mktemp(format) / ("m.tflite" if format == "litert" else "saved")
+    keras_gemma2.export(tiny_model, path, format=format, cache_length=CACHE, prefill_lengths=BUCKETS)
+    return str(path)
+
+
 @needs_tf
-@pytest.mark.parametrize("format", ["litert", "saved_model"])
-def test_float_export_generates_the_same_tokens(tiny_model, tmp_path, format, Runner):
-    path = tmp_path / ("m.tflite" if format == "litert" else "saved")
-    keras_gemma2.export(tiny_model, path, format=format, cache_length=CACHE, prefill_lengths=(4, 8, 16))
-    runner = Runner.load(str(path))
-    assert runner.metadata["cache_slots"] == [4, CACHE, 4]  # sliding layers: a ring of the window
+def test_float_export_generates_the_same_tokens(tiny_model, float_export, Runner):
+    runner = Runner.load(float_export)
+    # LiteRT-LM's contract: every layer (sliding ones too) holds the whole cache, one named input per k / v.
+    assert runner.metadata["cache_slots"] == [CACHE] * TINY.num_layers
+    assert runner.metadata["cache_names"] == [
+        [f"kv_cache_k_{i}", f"kv_cache_v_{i}"] for i in range(TINY.num_layers)
+    ]
+    assert runner.metadata["cache_shape"] == [1, TINY.num_key_value_heads, CACHE, TINY.head_dim]
+    assert runner.metadata["signatures"] == {
+        "prefill": {str(p): f"prefill_{p}" for p in BUCKETS}, "decode": "decode",
+    }
     for prompt in PROMPTS:
         # Up to the last cache slot: decoding runs past the window many times over.
         assert runner.generate(prompt, max_new_tokens=CACHE - len(prompt)) == _reference(tiny_model, prompt)
+
+
+@needs_tf
+@pytest.mark.parametrize("length, chunks", [
+    (20, [16, 4]),  # 19 prefilled: a full bucket, then a padded one starting at position 16
+    (22, [16, 4, 4]),  # 21: three calls, each reading what the previous ones wrote
+    (CACHE - 1, [16, 4, 4]),  # the longest prompt the cache holds
+    (1, []),  # BOS alone: nothing to prefill, decode gives the first logits
+])
+def test_a_prompt_longer_than_every_bucket_is_prefilled_in_chunks(tiny_model, float_export, length, chunks,
+                                                                  Runner):
+    """Longer than the largest bucket (16) and the window (4): no prompt limit below the cache."""
+    runner = Runner.load(float_export)
+    runner.stop_ids = set()  # random weights: compared with generate(stop_token_ids=[])
+    prompt = [2] + [int(t) for t in np.random.default_rng(length).integers(3, TINY.vocabulary_size, length - 1)]
+    assert runner.generate(prompt, max_new_tokens=CACHE - length) == _reference(tiny_model, prompt)
+    assert runner.stats["chunks"] == chunks and runner.stats["prompt_tokens"] == length
+
+
+@needs_tf
+def test_a_prompt_that_does_not_fit_the_cache_is_refused(float_export, Runner):
+    runner = Runner.load(float_export)
+    for prompt in ([2] * CACHE, [2] * (CACHE + 30)):
+        with pytest.raises(ValueError, match=f"Prompt of {len(prompt)} tokens does not fit the {CACHE}-position cache"):
+            runner.generate(prompt, max_new_tokens=1)
+    with pytest.raises(ValueError, match="Empty prompt"):
+        runner.generate([], max_new_tokens=1)
 
 
 @needs_tf
@@ -215,8 +258,9 @@ def test_keras_quantized_model_exports_to_saved_model_but_not_litert(tmp_path, R
     keras.utils.set_random_seed(0)
     model = randomize_weights(keras_gemma2.Gemma2CausalLM(keras_gemma2.Gemma2Backbone(TINY)))
     model.quantize("int8")
-    with pytest.raises(ValueError, match="export the float model"):
-        keras_gemma2.export(model, tmp_path / "m.tflite", cache_length=CACHE, prefill_lengths=(8,))
+    for name in ("m.tflite", "m.litertlm"):
+        with pytest.raises(ValueError, match="export the float model"):
+            keras_gemma2.export(model, tmp_path / name, cache_length=CACHE, prefill_lengths=(8,))
     with pytest.raises(ValueError, match="already quantized"):
         keras_gemma2.export(model, tmp_path / "s", format="saved_model", quantization="int4",
                             cache_length=CACHE, prefill_lengths=(8,))
@@ -241,10 +285,16 @@ def test_export_from_another_backend_runs_a_tensorflow_child(tiny_model, tmp_pat
     [
         ({"format": "onnx"}, "Unknown export format"),
         ({"quantization": "int2"}, "Unknown quantization"),
-        ({"path": "model.bin"}, ".tflite suffix"),
+        ({"path": "model.bin"}, "Unknown export suffix '.bin'"),
+        ({"path": "model"}, "Unknown export suffix '(none)'"),
+        ({"format": "litert", "path": "model.litertlm"}, "litert export is a .tflite file"),
         ({"format": "saved_model", "path": "model.tflite"}, "SavedModel is a directory"),
+        ({"format": "saved_model", "path": "model.litertlm"}, "SavedModel is a directory"),
         ({"cache_length": 65}, "outside [1, 64]"),
+        ({"path": "m.litertlm", "cache_length": 65}, "outside [1, 64]"),
         ({"prefill_lengths": (8, 32)}, "exceed cache_length"),
+        ({"path": "m.litertlm", "prefill_lengths": (8, 32)}, "exceed cache_length"),
+        ({"path": "m.litertlm"}, "carries the tokenizer"),  # the tiny model has none
         ({"prefill_lengths": (0,)}, "positive integers"),
     ],
 )
@@ -253,7 +303,7 @@ def test_bad_arguments_fail_before_any_work(tiny_model, tmp_path, kwargs, messag
     if kwargs.get("format") == "saved_model" and kwargs["path"] == "m.tflite":
         kwargs["path"] = "saved"
     kwargs["path"] = tmp_path / kwargs["path"]
-    with pytest.raises(ValueError, match=message.replace("[", r"\[")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         keras_gemma2.export(tiny_model, **kwargs)
     assert os.listdir(tmp_path) == []  # nothing written
 
@@ -266,8 +316,10 @@ def test_unwritable_path_and_unmerged_lora_are_refused(tmp_path):
     with pytest.raises(PermissionError, match="Choose a writable directory"):
         keras_gemma2.export(model, blocker / "m.tflite", cache_length=16, prefill_lengths=(8,))
     model.enable_lora(2)
-    with pytest.raises(ValueError, match="merge_lora"):
-        keras_gemma2.export(model, tmp_path / "m.tflite", cache_length=16, prefill_lengths=(8,))
+    for name in ("m.tflite", "m.litertlm"):
+        with pytest.raises(ValueError, match="merge_lora"):
+            keras_gemma2.export(model, tmp_path / name, cache_length=16, prefill_lengths=(8,))
+    assert os.listdir(tmp_path) == ["file"]
 
 
 def test_cli_export_and_its_errors(tmp_path, capsys, Runner):

@@ -50,7 +50,7 @@ def test_the_cli_states_and_uses_the_library_defaults():
         assert options[name].default == library[name].default, name
         assert options[name].help == plan.HELP[name], name
     text = " ".join(command.format_help().split())
-    for stated in (f"(default: {plan.DEFAULT_FORMAT})", "(default: none, float32)",
+    for stated in ("(default: from the path's suffix)", "(default: none, float32)",
                    f"(default: {plan.CACHE_LENGTH_TEXT})", f"(default: {plan.PREFILL_LENGTHS_TEXT})"):
         assert stated in text, stated
     assert "--tensorflow-child" not in text and "--stop-ids" not in text

@@ -69,7 +69,9 @@ def test_cache_lengths_and_bytes():
     assert full == 26 * 8192 * 2 * 4 * 256 * 2  # layers * positions * (k, v) * kv heads * head_dim * bytes
     assert sliding / full == 0.75
     caches = CacheLayout.rings(TINY, 20).new_caches(TINY, 2, "float32")
-    assert [tuple(c.shape) for c in caches] == [(2, 2, 2, 4, 16), (2, 2, 2, 20, 16), (2, 2, 2, 4, 16)]
+    assert [tuple(c.shape) for pair in caches for c in pair] == [
+        (2, 2, 4, 16), (2, 2, 4, 16), (2, 2, 20, 16), (2, 2, 20, 16), (2, 2, 4, 16), (2, 2, 4, 16)
+    ]
 
 
 def test_window_override_at_generation(model):

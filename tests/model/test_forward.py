@@ -85,8 +85,8 @@ def test_the_ring_rule():
     assert list(kv_cache.held_indices(2, 4)) == [0, 1, -2, -1]  # negative: empty
     traced = ops.convert_to_numpy(kv_cache.held_indices(ops.convert_to_tensor(np.int32(10)), 4))
     assert traced.tolist() == [8, 9, 6, 7]
-    fresh = np.arange(6, dtype="float32").reshape(1, 1, 1, 6, 1)  # indices 7..12 into 4 slots
-    cache = -np.ones((1, 1, 1, 4, 1), "float32")
+    fresh = np.arange(6, dtype="float32").reshape(1, 1, 6, 1)  # indices 7..12 into 4 slots
+    cache = -np.ones((1, 1, 4, 1), "float32")
     for start in (7, ops.convert_to_tensor(np.int32(7))):
-        written = ops.convert_to_numpy(kv_cache.write(cache, fresh, start))[0, 0, 0, :, 0]
+        written = ops.convert_to_numpy(kv_cache.write(cache, fresh, start))[0, 0, :, 0]
         assert written.tolist() == [5, 2, 3, 4]  # index 12 in slot 0, 9 in slot 1, ...

@@ -1,0 +1,214 @@
+"""The .litertlm bundle in Google's LiteRT-LM engine itself (litert-lm-api), against `generate`."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import keras_gemma2
+from keras_gemma2 import cli
+from keras_gemma2.checkpoints import registry
+from keras_gemma2.edge import litertlm_engine
+from keras_gemma2.edge.litertlm_bundle import METADATA_KEY
+
+ON_TF = keras.backend.backend() == "tensorflow"
+needs_tf = pytest.mark.skipif(not ON_TF, reason="in-process export traces with TensorFlow (the engine is backend-free)")
+CACHE, BUCKETS = 64, (4, 8)
+SHORT = "Hello, world!"
+# Longer than the tiny model's window (4) and the largest bucket (8): the engine prefills it in
+# several calls past position 0, and every sliding layer masks to its window.
+LONG = "The quick brown fox jumps over the lazy dog. Keras runs on JAX."
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_text_preset, tmp_path_factory):
+    """(path, model): the tiny random model with its tokenizer as a float32 .litertlm."""
+    if not ON_TF:
+        pytest.skip("exported in-process under TensorFlow; other backends: test_export_from_another_backend")
+    _, model = tiny_text_preset
+    path = str(tmp_path_factory.mktemp("litertlm") / "tiny.litertlm")
+    keras_gemma2.export(model, path, cache_length=CACHE, prefill_lengths=BUCKETS)
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def engine(bundle, tmp_path_factory):
+    loaded = litertlm_engine.BundleEngine(bundle[0], threads=2, cache_dir=str(tmp_path_factory.mktemp("xnnpack")))
+    yield loaded
+    loaded.close()
+
+
+def _generated_ids(model, ids, max_new_tokens):
+    """`generate`'s greedy continuation of `ids` (stopping where it stops), as a list."""
+    out = model.generate(np.array([ids]), max_new_tokens=max_new_tokens, sampler="greedy")
+    return [int(t) for t in np.asarray(out[0])]
+
+
+def _ids(model, text, bos):
+    return [int(i) for i in np.asarray(model.tokenizer.tokenize(text, add_bos=bos))]
+
+
+def test_the_bundle_holds_the_engine_contract(bundle, tmp_path):
+    from ai_edge_litert.interpreter import Interpreter
+    from litert_lm_builder import litertlm_builder
+
+    path, model = bundle
+    toml = litertlm_builder.unpack(path, str(tmp_path / "unpacked"))
+    with open(toml) as f:
+        text = f.read()
+    assert 'model_type = "prefill_decode"' in text and "SP_Tokenizer" in text and "LlmMetadata" in text
+    (tflite,) = [n for n in os.listdir(tmp_path / "unpacked") if n.endswith(".tflite")]
+    interpreter = Interpreter(model_path=str(tmp_path / "unpacked" / tflite))
+    signatures = interpreter.get_signature_list()
+    assert set(signatures) == {"prefill_4", "prefill_8", "decode"}
+    caches = [f"kv_cache_{kind}_{i}" for i in range(model.config.num_layers) for kind in "kv"]
+    for name, signature in signatures.items():
+        assert sorted(signature["inputs"]) == sorted(["tokens", "input_pos", *caches]), name
+        expected = caches + (["logits"] if name == "decode" else [])
+        assert sorted(signature["outputs"]) == sorted(expected), name
+    decode = interpreter.get_signature_runner("decode").get_input_details()
+    assert list(decode["input_pos"]["shape"]) == [1]
+    assert list(decode["kv_cache_k_0"]["shape"]) == [1, model.config.num_key_value_heads, CACHE, model.config.head_dim]
+    ops = {op["op_name"] for op in interpreter._get_ops_details()}
+    assert not {op for op in ops if op.startswith("Flex") or op == "CUSTOM"}
+    assert f'key = "{METADATA_KEY}"' in text
+
+
+def test_unused_rows_past_the_end_of_the_cache_leave_every_position_intact(bundle, tmp_path):
+    """The trap: the engine fills a bucket's unused rows with token 0 at position 0.
+
+    A last chunk of 2 tokens in an 8-row bucket at position 60 of a 64-position
+    cache: its 6 unused rows must not land on (wrap onto) positions 0..3.
+    """
+    from ai_edge_litert.interpreter import Interpreter
+    from litert_lm_builder import litertlm_builder
+
+    path, model = bundle
+    litertlm_builder.unpack(path, str(tmp_path))
+    (tflite,) = [n for n in os.listdir(tmp_path) if n.endswith(".tflite")]
+    interpreter = Interpreter(model_path=str(tmp_path / tflite))
+    rng = np.random.default_rng(0)
+    ids = [2] + [int(i) for i in rng.integers(3, model.config.vocabulary_size, CACHE - 2)]  # 63 tokens
+    decode = interpreter.get_signature_runner("decode")
+    caches = {name: np.zeros(detail["shape"], np.float32)
+              for name, detail in decode.get_input_details().items() if name.startswith("kv_cache")}
+    start = 0
+    for bucket in (4, *[8] * 8):  # chunks at 0, 4, 12, ..., 60: the last has 2 real rows
+        real = ids[start: min(start + bucket, len(ids) - 1)]
+        tokens, positions = np.zeros((1, bucket), np.int32), np.zeros((bucket,), np.int32)
+        tokens[0, : len(real)], positions[: len(real)] = real, np.arange(start, start + len(real))
+        caches = interpreter.get_signature_runner(f"prefill_{bucket}")(tokens=tokens, input_pos=positions, **caches)
+        start += len(real)
+    assert start == len(ids) - 1 == CACHE - 2
+    logits = decode(tokens=np.array([[ids[-1]]], np.int32), input_pos=np.array([start], np.int32), **caches)["logits"]
+    expected = np.asarray(model({"token_ids": np.array([ids])}))[0, -1]
+    np.testing.assert_allclose(logits[0, 0], expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("prompt", [SHORT, LONG, "fill"], ids=["short", "longer_than_window_and_buckets",
+                                                           "to_the_end_of_the_cache"])
+def test_engine_text_equals_generate(bundle, engine, prompt):
+    _, model = bundle
+    if prompt == "fill":  # its last prefill chunk has unused rows past the end of the cache
+        prompt = model.tokenizer.detokenize(_ids(model, LONG * 3, bos=False)[: CACHE - 5])
+    ids = _ids(model, prompt, bos=True)
+    assert len(ids) > 2 * max(BUCKETS) or prompt == SHORT
+    budget = CACHE - len(ids)
+    expected = _generated_ids(model, ids, budget)
+    assert len(expected) >= min(budget, 8)  # random weights: the reply runs long enough to mean something
+    text = "".join(engine.stream(prompt, max_new_tokens=budget))
+    assert text == model.tokenizer.detokenize(expected)
+
+
+def test_two_chat_turns_in_one_session_continue_the_cached_conversation(bundle, engine):
+    """Turn 2's reply is `generate` over the ids the engine holds: turn 1, its reply, turn 2."""
+    _, model = bundle
+    chat = engine.start_chat(max_new_tokens=6)
+    try:
+        first = chat.turn_text("Hi")
+        reply_1 = "".join(chat.send("Hi"))
+        ids = _ids(model, first, bos=True)
+        generated = _generated_ids(model, ids, 6)
+        assert reply_1 == model.tokenizer.detokenize(generated)
+        second = chat.turn_text("Why?")
+        assert second.startswith("<end_of_turn>\n<start_of_turn>user\n")  # the reply was cut by the budget
+        reply_2 = "".join(chat.send("Why?"))
+    finally:
+        chat.close()
+    transcript = ids + generated + _ids(model, second, bos=False)
+    assert reply_2 == model.tokenizer.detokenize(_generated_ids(model, transcript, 6))
+
+
+def test_int8_bundle_agrees_with_float_on_teacher_forced_top1(tmp_path, Runner):
+    """The demo teacher's held-out text: the bundle's int8 graph against the float model, >= 95%."""
+    if not ON_TF:
+        pytest.skip("in-process export under TensorFlow")
+    from litert_lm_builder import litertlm_builder
+
+    model = keras_gemma2.from_preset("gemma2_demo_teacher", dtype="float32")
+    path = str(tmp_path / "teacher.litertlm")
+    keras_gemma2.export(model, path, quantization="int8", cache_length=256, prefill_lengths=(32,))
+    # The runner drives the bundle's own .tflite with the description stored in the bundle.
+    toml = litertlm_builder.unpack(path, str(tmp_path / "unpacked"))
+    with open(toml) as f:
+        line = next(line for line in f if METADATA_KEY in line)
+    description = json.loads(json.loads(line.split("value = ", 1)[1].rsplit(" }", 1)[0]))
+    (tflite,) = [n for n in os.listdir(tmp_path / "unpacked") if n.endswith(".tflite")]
+    os.replace(tmp_path / "unpacked" / tflite, tmp_path / "teacher.tflite")
+    description["files"] = {"model": "teacher.tflite", "tokenizer": None}
+    with open(tmp_path / "teacher.json", "w") as f:
+        json.dump(description, f)
+    runner = Runner.load(str(tmp_path / "teacher.tflite"))
+
+    with open(os.path.join(registry.get("gemma2_demo_teacher")["local"], "held_out.txt"), encoding="utf-8") as f:
+        ids = _ids(model, f.read()[:3000], bos=True)[:200]
+    predicted = runner.teacher_forced_argmax(ids)
+    reference = np.asarray(model({"token_ids": np.array([ids])}))[0].argmax(-1)[:-1]
+    agreement = float(np.mean(predicted == reference))
+    assert agreement >= 0.95, agreement
+
+
+def test_cli_run_and_chat_stream_the_engine(bundle, engine, capsys, monkeypatch):
+    path, model = bundle
+    assert cli.main(["run", path, SHORT, "--max-new-tokens", "5", "--threads", "2"]) == 0
+    expected = model.tokenizer.detokenize(_generated_ids(model, _ids(model, SHORT, bos=True), 5))
+    assert capsys.readouterr().out == expected + "\n"
+
+    lines = iter(["Hello there", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert cli.main(["chat", path, "--max-new-tokens", "6"]) == 0
+    reply = "".join(engine.start_chat(max_new_tokens=6).send("Hello there"))
+    assert f"model> {reply}\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "missing.litertlm", "x"], "does not exist"),
+    (["run", "model.tflite", "x"], "is not a .litertlm bundle"),
+    (["run", "{bundle}", "x", "--max-new-tokens", "0"], "max_new_tokens=0"),
+    (["chat"], "chat needs a model"),
+    (["chat", "{bundle}", "--min-p", "0.1"], "not available in the LiteRT-LM engine"),
+])
+def test_cli_errors_are_one_line(bundle, argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = [a.format(bundle=bundle[0]) for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_export_from_another_backend_writes_a_bundle_the_engine_runs(tiny_text_preset, tmp_path):
+    """Under JAX / PyTorch the export runs in a TensorFlow child; the engine gives `generate`'s text."""
+    if ON_TF:
+        pytest.skip("the TensorFlow backend exports in-process (the tests above)")
+    _, model = tiny_text_preset
+    path = str(tmp_path / "tiny.litertlm")
+    keras_gemma2.export(model, path, cache_length=CACHE, prefill_lengths=BUCKETS)
+    assert sorted(os.listdir(tmp_path)) == ["tiny.litertlm"]  # one file: nothing beside it
+    engine = litertlm_engine.BundleEngine(path, threads=2, cache_dir=str(tmp_path / "xnnpack"))
+    try:
+        text = "".join(engine.stream(LONG, max_new_tokens=8))
+    finally:
+        engine.close()
+    assert text == model.tokenizer.detokenize(_generated_ids(model, _ids(model, LONG, bos=True), 8))

@@ -1,16 +1,22 @@
-"""Full-size edge export: the real Gemma 2 2B architecture (random weights) to int8 LiteRT.
+"""Full-size edge export: the real Gemma 2 2B architecture (random weights) to an int8 .litertlm.
 
     KERAS_BACKEND=tensorflow PYTHONPATH=. python benchmarks/export_2b.py [--layers 26] [--out DIR]
 
 Step 1 (this process, TensorFlow backend): build gemma2_2b_en's architecture in float32
-with random weights, export it with `keras_gemma2.export(..., quantization="int8")`, and
-record wall time and memory: this process's peak RSS (the model, tracing, the SavedModel
-and the weight stitching), the converter child's peak RSS, and the machine's peak RAM in
-use (all processes, sampled every 0.2 s, above the idle level at the start). Step 2 (a fresh process: only numpy, sentencepiece-free ids
-and ai_edge_litert, as on a phone): load the .tflite with export/runner.py and time
-prefill (one bucket) and decode (tokens/s) at 2 threads. `--layers` builds fewer blocks
-for a quick trial of the same code path. Prints a markdown table and writes it to
-benchmarks/results/export_2b.md.
+with random weights and a tokenizer (Gemma's 256,000-piece vocabulary cannot be
+downloaded here: the demo teacher's SentencePiece model padded to 256,000 pieces with
+unused ones, so text tokenizes as with the demo teacher), export it with
+`keras_gemma2.export(model, "gemma2_2b_int8.litertlm", quantization="int8")`, and record
+wall time and memory: this process's peak RSS (the model, tracing, the SavedModel and the
+weight stitching), the converter child's peak RSS, and the machine's peak RAM in use (all
+processes, sampled every 0.2 s, above the idle level at the start). Step 2 (a fresh
+process, as on a phone): load the bundle in Google's LiteRT-LM engine (litert-lm-api, CPU,
+2 threads) and run a 128-token prompt and 32 decoded tokens, twice (the first warms up);
+prefill / decode tok/s and time to first token are the engine's own benchmark info, with
+the process's peak RSS. Step 3 (a fresh process): the machine's memory read bandwidth
+(a float32 matvec over a matrix of the bundle's size), for the decode bound
+bandwidth / bytes read per token. `--layers` builds fewer blocks for a quick trial of the
+same path. Prints a markdown table and writes it to benchmarks/results/export_2b.md.
 """
 
 import argparse
@@ -66,6 +72,15 @@ class RamSampler(threading.Thread):
         return self.peak - self.baseline
 
 
+def padded_tokenizer(path, size):
+    sys.path.insert(0, HERE)
+    from litert import DEMO_PRESET, pad_tokenizer
+
+    with open(path, "wb") as f:
+        f.write(pad_tokenizer(os.path.join(DEMO_PRESET, "tokenizer.model"), size))
+    return path
+
+
 def export_step(args):
     import keras
 
@@ -78,11 +93,16 @@ def export_step(args):
     sampler.start()
     start = time.time()
     keras.utils.set_random_seed(0)
-    model = keras_gemma2.from_preset("gemma2_2b_en", dtype="float32", load_weights=False, **overrides)
+    backbone = keras_gemma2.Gemma2Backbone.from_preset(
+        "gemma2_2b_en", dtype="float32", load_weights=False, **overrides
+    )
+    vocabulary = backbone.config.vocabulary_size
+    tokenizer = keras_gemma2.Gemma2Tokenizer(padded_tokenizer(os.path.join(args.out, "tokenizer.model"), vocabulary))
+    model = keras_gemma2.Gemma2CausalLM(backbone, tokenizer=tokenizer)
     built = time.time() - start
     parameters = model.count_params()
     print(f"built {parameters:,} parameters in {built:.0f} s, peak RSS {peak_rss_mb():,.0f} MB", flush=True)
-    path = os.path.join(args.out, "gemma2_2b_int8.tflite")
+    path = os.path.join(args.out, "gemma2_2b_int8.litertlm")
     start = time.time()
     export(model, path, quantization="int8", cache_length=args.cache_length,
            prefill_lengths=tuple(args.prefill_lengths))
@@ -101,32 +121,66 @@ def export_step(args):
     }
 
 
-def run_step(path, prefill_length, decode_steps, threads):
-    """In a clean process: LiteRT prefill and decode speed through the reference runner."""
-    sys.path.insert(0, os.path.join(ROOT, "export"))
-    import numpy as np
-    from runner import Runner
+def engine_step(path, prefill_length, decode_steps, threads):
+    """In a clean process: the LiteRT-LM engine's prefill and decode speed, and its peak RSS."""
+    import litert_lm
 
+    sys.path.insert(0, HERE)
+    from litert import prompt_ids
+
+    _, text = prompt_ids(prefill_length - 1)  # + BOS
+    litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
     start = time.time()
-    runner = Runner.load(path, num_threads=threads)
-    prompt = list(np.random.default_rng(0).integers(4, 1000, prefill_length - 1))
-    prompt = [2] + [int(t) for t in prompt]
-    # Warm-up (first invocations allocate tensors), then the timed generation.
-    runner.generate(prompt[:8], max_new_tokens=2)
+    engine = litert_lm.Engine(path, backend=litert_lm.Backend.CPU(thread_count=threads),
+                              cache_dir=os.path.join(os.path.dirname(path), "engine-cache"), enable_benchmark=True)
     load_s = time.time() - start
-    runner.stop_ids = set()  # random weights: never stop early
-    tokens = runner.generate(prompt, max_new_tokens=decode_steps + 1)
-    stats = runner.stats
-    return {
-        "load_s": load_s,
-        "prefill_tokens": len(prompt),
-        "bucket": stats["bucket"],
-        "prefill_tok_s": len(prompt) / stats["prefill_s"],
-        "decode_tok_s": stats["decode_steps"] / stats["decode_s"],
-        "generated": len(tokens),
-        "runner_peak_rss_mb": peak_rss_mb(),
-        "threads": threads,
-    }
+    runs = []
+    for _ in range(2):  # the first warms up
+        session = engine.create_session(apply_prompt_template=False, max_output_tokens=decode_steps,
+                                        sampler_config=litert_lm.SamplerConfig(top_k=1))
+        try:
+            session.run_prefill([text])
+            session.run_decode()
+            info = session.get_benchmark_info()
+        finally:
+            session.close()
+        runs.append({
+            "prefill_tokens": info.last_prefill_token_count,
+            "prefill_tok_s": info.last_prefill_tokens_per_second,
+            "decode_tokens": info.last_decode_token_count,
+            "decode_tok_s": info.last_decode_tokens_per_second,
+            "ttft_s": info.time_to_first_token_in_second,
+        })
+    return {**runs[-1], "warmup": runs[0], "load_s": load_s, "peak_rss_mb": peak_rss_mb(), "threads": threads}
+
+
+def bandwidth_step(nbytes):
+    """The machine's read bandwidth (GB/s): the best float32 matvec over an nbytes matrix."""
+    import numpy as np
+
+    columns = 4096
+    matrix = np.random.default_rng(0).standard_normal((max(1, nbytes // 4 // columns), columns), dtype="float32")
+    vector = np.ones(columns, "float32")
+    best = float("inf")
+    for _ in range(5):
+        begin = time.perf_counter()
+        matrix @ vector
+        best = min(best, time.perf_counter() - begin)
+    return {"read_gbs": matrix.nbytes / best / 1e9}
+
+
+def cpu_flags():
+    sys.path.insert(0, HERE)
+    from litert import cpu_facts
+
+    model, present, absent = cpu_facts()
+    return f"{model}; flags present: {' '.join(present) or 'none'}; absent: {' '.join(absent) or 'none'}"
+
+
+def in_child(step, *arguments):
+    command = [sys.executable, os.path.abspath(__file__), "--child", step, *map(str, arguments)]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:])
 
 
 def main():
@@ -137,10 +191,14 @@ def main():
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="output folder (default: a temporary one)")
-    parser.add_argument("--run-only", help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.run_only:
-        result = run_step(args.run_only, args.prefill_lengths[0], args.decode_steps, args.threads)
+    if args.child:
+        step, *rest = args.child
+        if step == "engine":
+            result = engine_step(rest[0], *map(int, rest[1:]))
+        else:
+            result = bandwidth_step(int(rest[0]))
         print("RESULT " + json.dumps(result))
         return
     scratch = None
@@ -150,33 +208,36 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     exported = export_step(args)
     print(json.dumps(exported), flush=True)
-    command = [sys.executable, os.path.abspath(__file__), "--run-only", exported["path"],
-               "--prefill-lengths", str(args.prefill_lengths[0]),
-               "--decode-steps", str(args.decode_steps), "--threads", str(args.threads)]
-    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    ran = json.loads(next(l for l in output.splitlines() if l.startswith("RESULT "))[7:])
+    ran = in_child("engine", exported["path"], args.prefill_lengths[0], args.decode_steps, args.threads)
+    print(json.dumps(ran), flush=True)
+    bandwidth = in_child("bandwidth", int(exported["file_mb"] * 1e6))
+    bound = bandwidth["read_gbs"] * 1e3 / exported["file_mb"]  # tok/s if every byte is read once per token
     lines = [
         "Command: `KERAS_BACKEND=tensorflow PYTHONPATH=. python benchmarks/export_2b.py"
         + (f" --layers {args.layers}" if args.layers != 26 else "") + "`",
         f"Machine: {os.cpu_count()} CPU cores, "
-        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM",
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM; {cpu_flags()}",
         f"Model: gemma2_2b_en architecture, {exported['layers']} layers, "
-        f"{exported['parameters']:,} parameters, random float32 weights; int8 export "
+        f"{exported['parameters']:,} parameters, random float32 weights; int8 .litertlm "
         f"(int8 weights, float32 activations), cache {args.cache_length}, prefill bucket "
-        f"{args.prefill_lengths[0]}",
+        f"{args.prefill_lengths[0]}; run in LiteRT-LM (litert-lm-api, CPU backend, {ran['threads']} threads)",
         "",
         "| measure | keras_gemma2 | LiteRT published Gemma2-2B-IT int8 |",
         "|---|---:|---:|",
-        f"| .tflite size (MB) | {exported['file_mb']:,.0f} | {PUBLISHED_MB:,} |",
+        f"| .litertlm size (MB) | {exported['file_mb']:,.0f} | {PUBLISHED_MB:,} |",
         f"| export wall time (s) | {exported['export_s']:,.0f} (+ {exported['build_s']:.0f} s to build the model) | |",
         f"| peak RAM in use on the machine, all processes (MB) | {exported['machine_peak_mb']:,.0f} | (peers: 32-80 GB) |",
         f"| peak RSS: export process / converter child (MB) | {exported['peak_rss_mb']:,.0f} / "
         f"{exported['converter_peak_rss_mb']:,.0f} | |",
-        f"| prefill tok/s ({ran['prefill_tokens']} tokens, {ran['threads']} threads, this CPU) | "
-        f"{ran['prefill_tok_s']:.1f} | 134 (S24 Ultra, 4 threads) |",
-        f"| decode tok/s ({ran['generated']} tokens, {ran['threads']} threads, this CPU) | "
-        f"{ran['decode_tok_s']:.2f} | 10.0 (S24 Ultra, 4 threads) |",
-        f"| runner load + warm-up (s), peak RSS (MB) | {ran['load_s']:.1f}, {ran['runner_peak_rss_mb']:,.0f} | |",
+        f"| engine prefill tok/s ({ran['prefill_tokens']} tokens, this CPU) | {ran['prefill_tok_s']:.1f} | "
+        "134 (S24 Ultra, 4 threads) |",
+        f"| engine decode tok/s ({ran['decode_tokens']} tokens, this CPU) | {ran['decode_tok_s']:.2f} | "
+        "10.0 (S24 Ultra, 4 threads) |",
+        f"| engine time to first token (s) | {ran['ttft_s']:.2f} | |",
+        f"| engine process: load (s), peak RSS (MB) | {ran['load_s']:.1f}, {ran['peak_rss_mb']:,.0f} | |",
+        f"| read bandwidth (GB/s, float32 matvec) -> decode bound (tok/s) | {bandwidth['read_gbs']:.1f} -> "
+        f"{bound:.2f} | |",
+        f"| decode / bound | {ran['decode_tok_s'] / bound:.0%} | |",
     ]
     table = "\n".join(lines)
     print(table)

@@ -612,7 +612,8 @@ _DTYPE_HELP = "float32, bfloat16, float16 or a mixed policy such as mixed_bfloat
 
 def _add_generation_options(parser, preset_required=True):
     parser.add_argument("--preset", required=preset_required, default=None,
-                        help="name, directory, kaggle:// or hf:// handle")
+                        help="name, directory, kaggle:// or hf:// handle"
+                             + ("" if preset_required else " (default: none; give it or a .litertlm)"))
     parser.add_argument("--dtype", default=None, help=_DTYPE_HELP)
     parser.add_argument("--max-new-tokens", type=int, default=128,
                         help="tokens to generate at most (fewer if a stop token comes)")

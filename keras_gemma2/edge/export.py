@@ -109,7 +109,7 @@ def _export_here(backbone, tokenizer, plan, stop_ids, stitch=True, progress=None
         module, concrete, slots = build_signatures(
             backbone, plan.cache_length, plan.prefill_lengths,
             int8_lookup=plan.format != "saved_model" and plan.quantization is not None,
-            template=stitched, stage=stage,
+            template=stitched, fuse_projections=plan.format != "saved_model", stage=stage,
         )
         stage("saving the SavedModel")
         saved_model = os.path.join(staging, "saved_model")

@@ -30,15 +30,14 @@ import keras
 import numpy as np
 
 _ALIGNMENT = 64
-# Projection name -> (kernel path in a block, pre-norm folded into its input columns or None).
+# Fully-connected weight name -> (the kernel paths in a block stacked into it, the pre-norm
+# folded into its input columns or None). The export traces query/key/value and gate/up as
+# one product each (layers.fused_product).
 PROJECTIONS = {
-    "query": ("attention/query/kernel", "pre_attention_norm"),
-    "key": ("attention/key/kernel", "pre_attention_norm"),
-    "value": ("attention/value/kernel", "pre_attention_norm"),
-    "attention_output": ("attention/attention_output/kernel", None),
-    "gate": ("feedforward/gate/kernel", "pre_feedforward_norm"),
-    "up": ("feedforward/up/kernel", "pre_feedforward_norm"),
-    "down": ("feedforward/down/kernel", None),
+    "qkv": (("attention/query/kernel", "attention/key/kernel", "attention/value/kernel"), "pre_attention_norm"),
+    "attention_output": (("attention/attention_output/kernel",), None),
+    "gate_up": (("feedforward/gate/kernel", "feedforward/up/kernel"), "pre_feedforward_norm"),
+    "down": (("feedforward/down/kernel",), None),
 }
 POST_NORMS = ("post_attention_norm", "post_feedforward_norm")
 
@@ -121,9 +120,9 @@ class BlockWeights:
         return np.asarray(keras.ops.convert_to_numpy(self._variables[path]), np.float32)
 
     def projection(self, block, name):
-        kernel_path, norm = PROJECTIONS[name]
-        kernel = self.value(f"decoder_block_{block}/{kernel_path}")
-        weights = kernel  # Projection kernels are [out, in] already
+        kernel_paths, norm = PROJECTIONS[name]
+        # Projection kernels are [out, in] already: stacked, they are the fused product's.
+        weights = np.concatenate([self.value(f"decoder_block_{block}/{path}") for path in kernel_paths])
         if norm is not None:
             weights = weights * (np.float32(1.0) + self.value(f"decoder_block_{block}/{norm}/scale"))[None, :]
         return np.ascontiguousarray(weights, np.float32)
@@ -261,10 +260,13 @@ def stitch(template_path, output_path, backbone):
             inputs = [int(i) for i in op.inputs]
             if code == ops_enum.FULLY_CONNECTED and len(inputs) > 1 and constant(subgraph, inputs[1]):
                 tensor = subgraph.tensors[inputs[1]]
-                if tuple(int(d) for d in tensor.shape) == (vocab, hidden):
+                keys = candidates(tensor, reference_fc, same_fc)
+                # The tied projection is [vocab, hidden]; a block weight may happen to share that
+                # shape (a tiny model), so a weight that matches a block's is that block's.
+                if not keys and tuple(int(d) for d in tensor.shape) == (vocab, hidden):
                     logits_sites.append((s, o))
                     continue
-                block, name = assign(candidates(tensor, reference_fc, same_fc), "fully-connected weight")
+                block, name = assign(keys, "fully-connected weight")
                 sites.append((s, o, 1, block, name))
             elif code == ops_enum.MUL:
                 for slot, index in enumerate(inputs):
@@ -282,11 +284,11 @@ def stitch(template_path, output_path, backbone):
                     lookup["table"] = tensor.buffer
                 elif shape == (vocab,):
                     scale_gathers.append((subgraph, op))
-        # A prefill signature outputs only caches: the last block computes its keys and values,
+        # A prefill signature outputs only caches: the last block computes its query, keys and values
         # and the converter drops the rest of it (nothing reads its output).
         has_logits = any(site[0] == s for site in logits_sites)
         expected = {
-            name: config.num_layers - int(not has_logits and name not in ("key", "value"))
+            name: config.num_layers - int(not has_logits and name != "qkv")
             for name in (*PROJECTIONS, *POST_NORMS)
         }
         found = {name: counts[name] for name in expected}

@@ -21,7 +21,7 @@ def cache_names(layer):
 
 
 def build_signatures(backbone, cache_length, prefill_lengths, int8_lookup=False, template=False,
-                     stage=None):
+                     fuse_projections=False, stage=None):
     """A tf.Module with `prefill_{T}` and `decode` tf.functions over the backbone's weights.
 
     The module holds the backbone's underlying tf.Variables (not the Keras
@@ -29,7 +29,9 @@ def build_signatures(backbone, cache_length, prefill_lengths, int8_lookup=False,
     its tf.Variable, the graph reads plain variables, which the TFLite
     converter freezes into constants. `template=True` maps block l's variables
     to block l % 2's (see litert_weights): the module then holds the embedding
-    and two blocks, whatever the depth.
+    and two blocks, whatever the depth. `fuse_projections=True` traces query,
+    key and value (and gate and up) as one product each, for a converter that
+    folds the stacked constant kernels into one fully-connected weight.
     """
     import tensorflow as tf
     from keras import ops
@@ -62,37 +64,35 @@ def build_signatures(backbone, cache_length, prefill_lengths, int8_lookup=False,
         module.lookup_scale = tf.Variable(row_scale, trainable=False, name="lookup_scale")
         del table, row_scale
 
+    fused = [layer for block in backbone.decoder_blocks for layer in (block.attention, block.feedforward)]
+
     @contextlib.contextmanager
     def scope():
         with keras.StatelessScope(state_mapping=list(zip(keras_variables, read))):
-            if not int8_lookup:
-                yield
-                return
-            embedding.int8_lookup = (module.lookup_table, module.lookup_scale)
+            if int8_lookup:
+                embedding.int8_lookup = (module.lookup_table, module.lookup_scale)
+            for layer in fused:
+                layer.fused_projections = fuse_projections
             try:
                 yield
             finally:
                 embedding.int8_lookup = None
+                for layer in fused:
+                    layer.fused_projections = False  # the layers' default
 
-    def run(tokens, input_pos, flat_caches, extra_slots):
+    def run(tokens, input_pos, flat_caches):
         """The chunk at positions `input_pos` through the cached forward; returns hidden, named caches.
 
         The engine fills a bucket's unused rows with token 0 at position 0.
         Row r is run at position and index input_pos[0] + r instead, so those
-        rows are later than every real one: no real query sees them, and the
-        next call rewrites them before reading them. `extra_slots` indices
-        past the cache keep them from wrapping onto index 0 (BOS).
+        rows are later than every real one: no real query sees them, the next
+        call rewrites them before reading them, and those past the end of the
+        full-length cache are dropped (never wrapped onto index 0, BOS).
         """
         start = input_pos[0]
         positions = start + ops.arange(tokens.shape[1], dtype="int32")
         caches = [(flat_caches[2 * i], flat_caches[2 * i + 1]) for i in layers]
-        if extra_slots:
-            past_the_end = [(0, 0), (0, 0), (0, extra_slots), (0, 0)]
-            caches = kv_cache.map_caches(lambda cache: ops.pad(cache, past_the_end), caches)
-        run_layout = kv_cache.CacheLayout.full(config, cache_length + extra_slots)
-        hidden, caches = backbone.forward_pass(tokens, positions[None, :], caches, start, run_layout)
-        if extra_slots:
-            caches = kv_cache.map_caches(lambda cache: cache[:, :, :cache_length], caches)
+        hidden, caches = backbone.forward_pass(tokens, positions[None, :], caches, start, layout)
         named = {}
         for i, pair in zip(layers, caches):
             for name, cache in zip(cache_names(i), pair):
@@ -109,7 +109,7 @@ def build_signatures(backbone, cache_length, prefill_lengths, int8_lookup=False,
         )
         def prefill(tokens, input_pos, *caches):
             with scope():
-                return run(tokens, input_pos, caches, bucket - 1)[1]  # the engine never reads its logits
+                return run(tokens, input_pos, caches)[1]  # the engine never reads its logits
 
         return prefill
 
@@ -122,7 +122,7 @@ def build_signatures(backbone, cache_length, prefill_lengths, int8_lookup=False,
     )
     def decode(tokens, input_pos, *caches):
         with scope():
-            hidden, named = run(tokens, input_pos, caches, 0)
+            hidden, named = run(tokens, input_pos, caches)
             return {"logits": backbone.logits(hidden), **named}
 
     signatures = {f"prefill_{p}": make_prefill(p) for p in prefill_lengths}

@@ -65,11 +65,14 @@ def decoder_forward(token_embedding, blocks, final_norm, config, token_ids, posi
                 end = cache_index + length if reads == "cache" else cache_index
                 # Index minus position: each row's left padding (positions advance with indices).
                 offset = cache_index - positions[:, :1]
-                keys = ops.convert_to_tensor(kv_cache.held_indices(end, slots))[None, :] - offset
+                # A full-length cache holds index s in slot s (unwritten ones are later than
+                # every query, so causality masks them); a ring holds what held_indices says.
+                held = np.arange(slots, dtype="int32") if layout.never_wraps else kv_cache.held_indices(end, slots)
+                keys = ops.convert_to_tensor(held)[None, :] - offset
                 if reads == "cache_and_chunk":
                     keys = ops.concatenate([keys, positions], axis=1)
                 valid = keys >= 0
-            masks[key] = kv_cache.attention_mask(positions, keys, valid, window)
+            masks[key] = kv_cache.attention_bias(kv_cache.attention_mask(positions, keys, valid, window))
         return masks[key], key[2]
 
     x = token_embedding(token_ids)
@@ -79,7 +82,8 @@ def decoder_forward(token_embedding, blocks, final_norm, config, token_ids, posi
         if cache is None:
             x = block(x, positions, mask)
         else:
-            x, cache = block(x, positions, mask, cache=cache, cache_index=cache_index, reads=reads)
+            x, cache = block(x, positions, mask, cache=cache, cache_index=cache_index, reads=reads,
+                             ring=not layout.never_wraps)
         updated.append(cache)
     return final_norm(x), (None if caches[0] is None else updated)
 

@@ -17,7 +17,7 @@ tokens, or full length on every layer (what LiteRT-LM expects).
 
 Rows may be left-padded: a row's positions are its indices minus its padding,
 and a key is real when its position is >= 0. `attention_mask` is the one mask
-rule, over positions, for every path.
+rule, over positions, for every path; `attention_bias` is how attention applies it.
 """
 
 import dataclasses
@@ -26,6 +26,9 @@ import numpy as np
 from keras import ops
 
 SLOT_AXIS = 2
+# Masked attention logits get this added instead of -inf, so that a row with no
+# visible key (a padded query) gives a uniform row, never NaN.
+MASK_VALUE = -1e30
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -42,6 +45,16 @@ def attention_mask(query_positions, key_positions, key_valid, window=None):
     return ops.logical_and(visible, ops.cast(key_valid, "bool")[:, None, :])
 
 
+def attention_bias(mask):
+    """A mask as the additive bias attention applies: 0 where visible, MASK_VALUE elsewhere (float32).
+
+    Built once per mask and added to every layer's logits: in an export's
+    graph that is one select, then a plain add per layer, which LiteRT's
+    XNNPACK delegate runs inside its own graph (a select per layer split it).
+    """
+    return ops.where(mask, 0.0, MASK_VALUE)
+
+
 def held_indices(end, slots):
     """The index each of `slots` slots holds once indices < `end` are written: [slots] int32.
 
@@ -56,16 +69,21 @@ def held_indices(end, slots):
     return last - mod(last - slot, slots)
 
 
-def write(cache, fresh, start):
+def write(cache, fresh, start, ring=True):
     """`cache` with `fresh` [batch, kv_heads, T, head_dim] written at indices start..start+T-1.
 
-    Each index goes to its ring slot; when T exceeds the slots only the
-    latest indices stay. One token is a single dynamic slice update (the
-    decode step); a chunk at a static start is static slicing; a chunk at a
-    dynamic start is a gather that writes each slot from its latest index.
+    A ring (`ring=True`): each index goes to its ring slot; when T exceeds the
+    slots only the latest indices stay. One token is a single dynamic slice
+    update (the decode step); a chunk at a static start is static slicing; a
+    chunk at a dynamic start is a gather that writes each slot from its latest
+    index. A full-length cache (`ring=False`, CacheLayout.full): index t is
+    slot t and indices past the last slot are dropped (the unused rows a
+    caller pads a chunk with); a chunk is one dynamic slice update of T slots.
     """
     fresh = ops.cast(fresh, cache.dtype)
     length, slots = fresh.shape[SLOT_AXIS], cache.shape[SLOT_AXIS]
+    if not ring:
+        return _write_in_place(cache, fresh, start)
     if length == 1:
         return ops.slice_update(cache, [0, 0, ops.mod(start, slots), 0], fresh)
     static = isinstance(start, (int, np.integer))
@@ -77,6 +95,26 @@ def write(cache, fresh, start):
     written = ops.take(fresh, ops.clip(source, 0, length - 1), axis=SLOT_AXIS)
     keep_old = (source < 0)[None, None, :, None]
     return ops.where(keep_old, cache, written)
+
+
+def _write_in_place(cache, fresh, start):
+    """A full-length cache's write: T slots from `start`, rows past the last slot dropped.
+
+    The update covers slots start'..start'+T-1, start' = min(start, slots - T):
+    when the chunk runs past the end, its first `start - start'` slots keep the
+    cache's own values and the chunk's overflow falls off (O(T), not O(slots)).
+    Slices and slice updates only (no gather or select), ops LiteRT's XNNPACK
+    delegate runs.
+    """
+    length, slots = fresh.shape[SLOT_AXIS], cache.shape[SLOT_AXIS]
+    if length == 1 or (isinstance(start, (int, np.integer)) and start + length <= slots):
+        return ops.slice_update(cache, [0, 0, start, 0], fresh)
+    begin = ops.minimum(start, slots - length)
+    size = fresh.shape[:SLOT_AXIS] + (length,) + fresh.shape[SLOT_AXIS + 1:]
+    # The cache's T slots from start', then T spare ones; the chunk goes in at start - start'.
+    block = ops.concatenate([ops.slice(cache, [0, 0, begin, 0], size), ops.zeros_like(fresh)], axis=SLOT_AXIS)
+    block = ops.slice_update(block, [0, 0, start - begin, 0], fresh)
+    return ops.slice_update(cache, [0, 0, begin, 0], block[:, :, :length])
 
 
 def map_caches(function, caches):

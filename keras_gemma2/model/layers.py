@@ -7,6 +7,7 @@ in `kv_cache`; the backbone's forward wires the blocks.
 """
 
 import contextlib
+import itertools
 
 import keras
 from keras import ops
@@ -14,9 +15,6 @@ from keras import ops
 from keras_gemma2.config import Gemma2Config
 from keras_gemma2.model import kv_cache
 
-# Masked attention logits are set to this instead of -inf so that a row with
-# no visible key (a padded query) gives a uniform row, never NaN.
-MASK_VALUE = -1e30
 
 
 def wide_dtype(compute_dtype):
@@ -118,6 +116,18 @@ class Projection(keras.layers.EinsumDense):
         for derived in ("equation", "output_shape"):
             config.pop(derived, None)
         return {**config, "units": self.units}
+
+
+def fused_product(x, projections):
+    """Each of `projections` applied to `x`, as ONE product with their kernels stacked.
+
+    For an export's graph (where kernels are constants the converter folds
+    into one weight): one fully-connected op instead of several, so the input
+    is read and its activations quantized once. Float kernels only.
+    """
+    kernel = ops.concatenate([p.kernel for p in projections], axis=0)
+    widths = list(itertools.accumulate(p.units for p in projections))[:-1]
+    return ops.split(rows_times_transposed(x, kernel), widths, axis=-1)
 
 
 def adapted_layers(root):
@@ -371,8 +381,9 @@ class Gemma2Attention(keras.layers.Layer):
     """Grouped-query attention with RoPE and soft-capped logits: one layer for every path.
 
     Built from the model's config. The caller (the backbone's forward)
-    supplies absolute `positions` and a boolean `attention_mask` [batch,
-    queries, keys] over the keys this call reads, which `reads` names:
+    supplies absolute `positions` and an `attention_bias` [batch, queries,
+    keys] (kv_cache.attention_bias: 0 for a visible key, a large negative
+    number for a masked one) over the keys this call reads, which `reads` names:
 
     * "chunk": the chunk's own keys (no cache, or a prefill into an empty one);
     * "cache": the chunk is written into the cache first, then the queries
@@ -384,6 +395,9 @@ class Gemma2Attention(keras.layers.Layer):
     layout of the cache, a (key, value) pair. Returns `(output, cache)`; the
     cache is None without one.
     """
+
+    # Set on an instance while an edge export traces it: query, key and value as one product.
+    fused_projections = False
 
     def __init__(self, config, layer_index, **kwargs):
         super().__init__(**kwargs)
@@ -409,54 +423,62 @@ class Gemma2Attention(keras.layers.Layer):
         self.value = Projection.built("value", kv * d, hidden_dim, policy)
         self.attention_output = Projection.built("attention_output", hidden_dim, q * d, policy)
 
-    def call(self, x, positions, attention_mask, cache=None, cache_index=None, reads="chunk"):
+    def call(self, x, positions, attention_bias, cache=None, cache_index=None, reads="chunk", ring=True):
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
         head_dim, wavelength = self.config.head_dim, self.config.rope_max_wavelength
 
         def heads(projected):
             return ops.reshape(projected, (batch, length, -1, head_dim))
 
-        query = apply_rope(heads(self.query(x)), positions, wavelength)
-        key = apply_rope(heads(self.key(x)), positions, wavelength)
+        if self.fused_projections:
+            query, key, value = fused_product(x, (self.query, self.key, self.value))
+        else:
+            query, key, value = self.query(x), self.key(x), self.value(x)
+        query = apply_rope(heads(query), positions, wavelength)
+        key = apply_rope(heads(key), positions, wavelength)
         # [batch, kv_heads, length, head_dim]; for one token a free reshape.
         key = ops.transpose(key, (0, 2, 1, 3))
-        value = ops.transpose(heads(self.value(x)), (0, 2, 1, 3))
+        value = ops.transpose(heads(value), (0, 2, 1, 3))
 
         if cache is None:
-            return self.attention_output(self._attend(query, key, value, attention_mask)), None
+            return self.attention_output(self._attend(query, key, value, attention_bias)), None
         key_cache, value_cache = cache
 
         def written():
-            return kv_cache.write(key_cache, key, cache_index), kv_cache.write(value_cache, value, cache_index)
+            return (kv_cache.write(key_cache, key, cache_index, ring),
+                    kv_cache.write(value_cache, value, cache_index, ring))
 
         if reads == "cache":
             key_cache, value_cache = written()
-            output = self._attend(query, key_cache, value_cache, attention_mask)
+            output = self._attend(query, key_cache, value_cache, attention_bias)
         elif reads == "cache_and_chunk":
             both = [
                 ops.concatenate([c, ops.cast(fresh, c.dtype)], axis=kv_cache.SLOT_AXIS)
                 for c, fresh in ((key_cache, key), (value_cache, value))
             ]
-            output = self._attend(query, *both, attention_mask)
+            output = self._attend(query, *both, attention_bias)
             key_cache, value_cache = written()
         else:
-            output = self._attend(query, key, value, attention_mask)
+            output = self._attend(query, key, value, attention_bias)
             key_cache, value_cache = written()
         return self.attention_output(output), (key_cache, value_cache)
 
-    def _attend(self, query, key, value, attention_mask):
+    def _attend(self, query, key, value, attention_bias):
         config = self.config
         batch, length = ops.shape(query)[0], ops.shape(query)[1]
         kv_heads, head_dim = config.num_key_value_heads, config.head_dim
-        # Query head h reads key/value head h // groups.
+        # Query head h reads key/value head h // groups. The query is made head-major
+        # ([batch, kv_heads, groups, T, head_dim]) before the products, so the larger
+        # logits come out in the order softmax reads them (no transposed copy of them).
         query = ops.reshape(query, (batch, length, kv_heads, config.num_query_heads // kv_heads, head_dim))
+        query = ops.transpose(query, (0, 2, 3, 1, 4))
         logits_dtype = wide_dtype(self.compute_dtype)
         query = ops.cast(query, logits_dtype) * ops.cast(
             config.query_pre_attn_scalar**-0.5, logits_dtype
         )
-        logits = ops.einsum("btkgh,bksh->bkgts", query, ops.cast(key, logits_dtype))
+        logits = ops.einsum("bkgth,bksh->bkgts", query, ops.cast(key, logits_dtype))
         logits = soft_cap(logits, config.attention_logit_soft_cap)
-        logits = ops.where(attention_mask[:, None, None, :, :], logits, MASK_VALUE)
+        logits = logits + ops.cast(attention_bias, logits.dtype)[:, None, None, :, :]
         probabilities = ops.cast(ops.softmax(logits, axis=-1), value.dtype)
         output = ops.einsum("bkgts,bksh->btkgh", probabilities, value)
         return ops.reshape(output, (batch, length, config.num_query_heads * head_dim))
@@ -467,6 +489,9 @@ class Gemma2Attention(keras.layers.Layer):
 
 class Gemma2FeedForward(keras.layers.Layer):
     """GeGLU: down(gelu_tanh(gate(x)) * up(x)), built from the model's config."""
+
+    # Set on an instance while an edge export traces it: gate and up as one product.
+    fused_projections = False
 
     def __init__(self, config, **kwargs):
         super().__init__(**kwargs)
@@ -489,8 +514,9 @@ class Gemma2FeedForward(keras.layers.Layer):
 
     def call(self, x):
         dtype = wide_dtype(self.compute_dtype)
-        gate = ops.cast(ops.gelu(self.gate(x), approximate=True), dtype)
-        return self.down(gate * ops.cast(self.up(x), dtype))
+        gate, up = fused_product(x, (self.gate, self.up)) if self.fused_projections else (self.gate(x), self.up(x))
+        gate = ops.cast(ops.gelu(gate, approximate=True), dtype)
+        return self.down(gate * ops.cast(up, dtype))
 
     def get_config(self):
         return {**super().get_config(), "config": self.config.to_dict()}
@@ -535,16 +561,18 @@ class Gemma2DecoderBlock(keras.layers.Layer):
         self.attention.build(hidden_shape)
         self.feedforward.build(hidden_shape)
 
-    def call(self, x, positions, attention_mask, cache=None, cache_index=None, reads="chunk"):
+    def call(self, x, positions, attention_bias, cache=None, cache_index=None, reads="chunk", ring=True):
         x = ops.cast(x, wide_dtype(self.compute_dtype))
         h = self.pre_attention_norm(x)
-        h, cache = self.attention(h, positions, attention_mask, cache=cache, cache_index=cache_index, reads=reads)
+        h, cache = self.attention(
+            h, positions, attention_bias, cache=cache, cache_index=cache_index, reads=reads, ring=ring
+        )
         x = x + self.post_attention_norm(h)
         h = self.feedforward(self.pre_feedforward_norm(x))
         x = x + self.post_feedforward_norm(h)
         return x if cache is None else (x, cache)
 
-    def compute_output_spec(self, x, positions, attention_mask, cache=None, *args, **kwargs):
+    def compute_output_spec(self, x, positions, attention_bias, cache=None, *args, **kwargs):
         hidden = keras.KerasTensor(x.shape, dtype=wide_dtype(self.compute_dtype))
         if cache is None:
             return hidden

@@ -183,6 +183,21 @@ def test_cli_run_and_chat_stream_the_engine(bundle, engine, capsys, monkeypatch)
     assert f"model> {reply}\n" in capsys.readouterr().out
 
 
+def test_cli_export_writes_a_bundle_that_cli_run_continues_like_generate(tmp_path, capsys):
+    """`keras-gemma2 export --preset gemma2_demo out.litertlm`, then `keras-gemma2 run out.litertlm`."""
+    if not ON_TF:
+        pytest.skip("in-process export under TensorFlow (the child process is tested below)")
+    path = str(tmp_path / "demo.litertlm")
+    assert cli.main(["export", "--preset", "gemma2_demo", path, "--cache-length", "64",
+                     "--prefill-lengths", "16"]) == 0
+    assert capsys.readouterr().out == f"wrote {path}\n"
+    assert sorted(os.listdir(tmp_path)) == ["demo.litertlm"]
+    assert cli.main(["run", path, "def fib(n):", "--max-new-tokens", "12"]) == 0
+    model = keras_gemma2.from_preset("gemma2_demo", dtype="float32")
+    expected = model.generate("def fib(n):", max_new_tokens=12, sampler="greedy")
+    assert capsys.readouterr().out == expected + "\n"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["run", "missing.litertlm", "x"], "does not exist"),
     (["run", "model.tflite", "x"], "is not a .litertlm bundle"),

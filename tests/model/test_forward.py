@@ -90,3 +90,15 @@ def test_the_ring_rule():
     for start in (7, ops.convert_to_tensor(np.int32(7))):
         written = ops.convert_to_numpy(kv_cache.write(cache, fresh, start))[0, 0, :, 0]
         assert written.tolist() == [5, 2, 3, 4]  # index 12 in slot 0, 9 in slot 1, ...
+
+
+def test_a_full_length_cache_keeps_index_t_in_slot_t_and_drops_rows_past_its_end():
+    """ring=False (CacheLayout.full): a chunk padded past the end never wraps onto slot 0."""
+    fresh = 10 + np.arange(4, dtype="float32").reshape(1, 1, 4, 1)  # indices 4..7 into 6 slots
+    cache = -np.ones((1, 1, 6, 1), "float32")
+    for start in (4, ops.convert_to_tensor(np.int32(4))):
+        written = ops.convert_to_numpy(kv_cache.write(cache, fresh, start, ring=False))[0, 0, :, 0]
+        assert written.tolist() == [-1, -1, -1, -1, 10, 11]
+    for start in (1, ops.convert_to_tensor(np.int32(1))):
+        written = ops.convert_to_numpy(kv_cache.write(cache, fresh, start, ring=False))[0, 0, :, 0]
+        assert written.tolist() == [-1, 10, 11, 12, 13, -1]

@@ -130,9 +130,11 @@ def engine_step(path, prefill_length, decode_steps, threads):
 
     _, text = prompt_ids(prefill_length - 1)  # + BOS
     litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
+    cache_dir = os.path.join(os.path.dirname(path), "engine-cache")
+    os.makedirs(cache_dir, exist_ok=True)
     start = time.time()
     engine = litert_lm.Engine(path, backend=litert_lm.Backend.CPU(thread_count=threads),
-                              cache_dir=os.path.join(os.path.dirname(path), "engine-cache"), enable_benchmark=True)
+                              cache_dir=cache_dir, enable_benchmark=True)
     load_s = time.time() - start
     runs = []
     for _ in range(2):  # the first warms up
@@ -192,6 +194,8 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="output folder (default: a temporary one)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--reuse", default=None,
+                        help="the JSON line step 1 printed: skip the export and time that bundle")
     args = parser.parse_args()
     if args.child:
         step, *rest = args.child
@@ -206,7 +210,7 @@ def main():
         scratch = tempfile.TemporaryDirectory(prefix="export_2b_")
         args.out = scratch.name
     os.makedirs(args.out, exist_ok=True)
-    exported = export_step(args)
+    exported = json.loads(args.reuse) if args.reuse else export_step(args)
     print(json.dumps(exported), flush=True)
     ran = in_child("engine", exported["path"], args.prefill_lengths[0], args.decode_steps, args.threads)
     print(json.dumps(ran), flush=True)

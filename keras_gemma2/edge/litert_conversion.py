@@ -38,7 +38,11 @@ def convert_file(saved_model_dir, output_path, signature_keys, quantization, buf
     environment = {**os.environ, "KERAS_BACKEND": "tensorflow"}
     result = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError("The TFLite conversion process failed:\n" + result.stderr[-4000:])
+        killed = f" (killed by signal {-result.returncode}: out of memory?)" if result.returncode < 0 else ""
+        raise RuntimeError(
+            f"The TFLite conversion process failed with exit status {result.returncode}{killed}:\n"
+            + result.stderr[-4000:]
+        )
 
 
 def _write_litert(saved_model_dir, output_path, signature_keys, quantization, weight_bytes):

@@ -11,6 +11,7 @@ import numpy as np
 
 from keras_gemma2.edge import litert_weights
 from keras_gemma2.model import kv_cache
+from keras_gemma2.model.layers import stacked_kernel
 from keras_gemma2.tokenizer import Gemma2Tokenizer
 from keras_gemma2.version import __version__
 
@@ -64,21 +65,33 @@ def build_signatures(backbone, cache_length, prefill_lengths, int8_lookup=False,
         module.lookup_scale = tf.Variable(row_scale, trainable=False, name="lookup_scale")
         del table, row_scale
 
-    fused = [layer for block in backbone.decoder_blocks for layer in (block.attention, block.feedforward)]
+    # Stacked kernels as variables of their own: frozen once and shared by every signature
+    # (stacking inside each trace would make the converter fold a copy per signature).
+    fused = []  # (layer, the stacked kernel it reads)
+    if fuse_projections:
+        stacked = {}
+        for index, block in enumerate(backbone.decoder_blocks):
+            source = backbone.decoder_blocks[index % 2] if template else block  # as template_sources
+            for name in ("attention", "feedforward"):
+                owner = getattr(source, name)
+                if id(owner) not in stacked:
+                    stacked[id(owner)] = tf.Variable(stacked_kernel(owner.fused_projections), trainable=False)
+                fused.append((getattr(block, name), stacked[id(owner)]))
+        module.stacked_kernels = list(stacked.values())
 
     @contextlib.contextmanager
     def scope():
         with keras.StatelessScope(state_mapping=list(zip(keras_variables, read))):
             if int8_lookup:
                 embedding.int8_lookup = (module.lookup_table, module.lookup_scale)
-            for layer in fused:
-                layer.fused_projections = fuse_projections
+            for layer, kernel in fused:
+                layer.fused_kernel = kernel
             try:
                 yield
             finally:
                 embedding.int8_lookup = None
-                for layer in fused:
-                    layer.fused_projections = False  # the layers' default
+                for layer, _ in fused:
+                    layer.fused_kernel = None  # the layers' default
 
     def run(tokens, input_pos, flat_caches):
         """The chunk at positions `input_pos` through the cached forward; returns hidden, named caches.

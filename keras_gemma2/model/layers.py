@@ -118,16 +118,20 @@ class Projection(keras.layers.EinsumDense):
         return {**config, "units": self.units}
 
 
-def fused_product(x, projections):
-    """Each of `projections` applied to `x`, as ONE product with their kernels stacked.
+def fused_product(x, projections, kernel):
+    """Each of `projections` applied to `x`, as ONE product with `kernel`, their kernels stacked.
 
-    For an export's graph (where kernels are constants the converter folds
-    into one weight): one fully-connected op instead of several, so the input
-    is read and its activations quantized once. Float kernels only.
+    For an export's graph, where `kernel` is one constant: one fully-connected
+    op instead of several, so the input is read and its activations quantized
+    once. Float kernels only.
     """
-    kernel = ops.concatenate([p.kernel for p in projections], axis=0)
     widths = list(itertools.accumulate(p.units for p in projections))[:-1]
     return ops.split(rows_times_transposed(x, kernel), widths, axis=-1)
+
+
+def stacked_kernel(projections):
+    """The kernels of `projections` stacked as `fused_product` reads them: [sum of outs, in]."""
+    return ops.concatenate([p.kernel for p in projections], axis=0)
 
 
 def adapted_layers(root):
@@ -396,13 +400,19 @@ class Gemma2Attention(keras.layers.Layer):
     cache is None without one.
     """
 
-    # Set on an instance while an edge export traces it: query, key and value as one product.
-    fused_projections = False
+    # Set on an instance while an edge export traces it: query, key and value's kernels
+    # stacked (stacked_kernel), read as one product.
+    fused_kernel = None
 
     def __init__(self, config, layer_index, **kwargs):
         super().__init__(**kwargs)
         self.config = Gemma2Config.from_dict(config) if isinstance(config, dict) else config
         self.layer_index = layer_index
+
+    @property
+    def fused_projections(self):
+        """The projections an export reads as one product (see fused_kernel)."""
+        return (self.query, self.key, self.value)
 
     @property
     def sliding_window_size(self):
@@ -430,8 +440,8 @@ class Gemma2Attention(keras.layers.Layer):
         def heads(projected):
             return ops.reshape(projected, (batch, length, -1, head_dim))
 
-        if self.fused_projections:
-            query, key, value = fused_product(x, (self.query, self.key, self.value))
+        if self.fused_kernel is not None:
+            query, key, value = fused_product(x, self.fused_projections, self.fused_kernel)
         else:
             query, key, value = self.query(x), self.key(x), self.value(x)
         query = apply_rope(heads(query), positions, wavelength)
@@ -490,8 +500,14 @@ class Gemma2Attention(keras.layers.Layer):
 class Gemma2FeedForward(keras.layers.Layer):
     """GeGLU: down(gelu_tanh(gate(x)) * up(x)), built from the model's config."""
 
-    # Set on an instance while an edge export traces it: gate and up as one product.
-    fused_projections = False
+    # Set on an instance while an edge export traces it: gate and up's kernels stacked
+    # (stacked_kernel), read as one product.
+    fused_kernel = None
+
+    @property
+    def fused_projections(self):
+        """The projections an export reads as one product (see fused_kernel)."""
+        return (self.gate, self.up)
 
     def __init__(self, config, **kwargs):
         super().__init__(**kwargs)
@@ -514,7 +530,10 @@ class Gemma2FeedForward(keras.layers.Layer):
 
     def call(self, x):
         dtype = wide_dtype(self.compute_dtype)
-        gate, up = fused_product(x, (self.gate, self.up)) if self.fused_projections else (self.gate(x), self.up(x))
+        if self.fused_kernel is not None:
+            gate, up = fused_product(x, self.fused_projections, self.fused_kernel)
+        else:
+            gate, up = self.gate(x), self.up(x)
         gate = ops.cast(ops.gelu(gate, approximate=True), dtype)
         return self.down(gate * ops.cast(up, dtype))
 

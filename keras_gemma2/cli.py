@@ -187,7 +187,38 @@ def _chat(args):
     options = _generation_kwargs(args)
     model = _load_for_text(args)
     messages = []
-    print("Chat with Gemma 2. /reset starts over, /exit (or Ctrl-D) quits.", flush=True)
+
+    def reply(line):
+        messages.append({"role": "user", "content": line})
+        prompt = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        pieces = []
+        for piece in model.generate(prompt, stream=True, **options):
+            pieces.append(piece)
+            yield piece
+        messages.append({"role": "model", "content": "".join(pieces)})
+
+    _chat_loop("Chat with Gemma 2.", reply, reset=messages.clear)
+
+
+def _chat_with_bundle(args):
+    options = _bundle_options(args)
+    engine = litertlm_engine.BundleEngine(args.bundle, threads=args.threads)
+    chats = [engine.start_chat(max_new_tokens=args.max_new_tokens, **options)]
+
+    def reset():  # a new session: an empty cache
+        chats.pop().close()
+        chats.append(engine.start_chat(max_new_tokens=args.max_new_tokens, **options))
+
+    try:
+        _chat_loop("Chat with the LiteRT-LM engine.", lambda line: chats[-1].send(line), reset)
+    finally:
+        chats[-1].close()
+        engine.close()
+
+
+def _chat_loop(greeting, reply, reset):
+    """Read lines until /exit or end of input; /reset starts over; stream each reply's pieces."""
+    print(f"{greeting} /reset starts over, /exit (or Ctrl-D) quits.", flush=True)
     while True:
         try:
             line = input("you> ")
@@ -197,48 +228,14 @@ def _chat(args):
         if line.strip() == "/exit":
             return
         if line.strip() == "/reset":
-            messages = []
+            reset()
             continue
         if not line.strip():
             continue
-        messages.append({"role": "user", "content": line})
-        prompt = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         print("model> ", end="", flush=True)
-        reply = []
-        for piece in model.generate(prompt, stream=True, **options):
-            reply.append(piece)
+        for piece in reply(line):
             print(piece, end="", flush=True)
         print(flush=True)
-        messages.append({"role": "model", "content": "".join(reply)})
-
-
-def _chat_with_bundle(args):
-    options = _bundle_options(args)
-    engine = litertlm_engine.BundleEngine(args.bundle, threads=args.threads)
-    chat = engine.start_chat(max_new_tokens=args.max_new_tokens, **options)
-    print("Chat with the LiteRT-LM engine. /reset starts over, /exit (or Ctrl-D) quits.", flush=True)
-    try:
-        while True:
-            try:
-                line = input("you> ")
-            except EOFError:
-                print()
-                return
-            if line.strip() == "/exit":
-                return
-            if line.strip() == "/reset":  # a new session: an empty cache
-                chat.close()
-                chat = engine.start_chat(max_new_tokens=args.max_new_tokens, **options)
-                continue
-            if not line.strip():
-                continue
-            print("model> ", end="", flush=True)
-            for piece in chat.send(line):
-                print(piece, end="", flush=True)
-            print(flush=True)
-    finally:
-        chat.close()
-        engine.close()
 
 
 def _merge(args):

@@ -86,7 +86,7 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_b
 PREPARE_VERSION = 1  # bump when prepare_150m's weights or tokenizer change
 
 sys.path.insert(0, HERE)
-from generate import MODEL as MODEL_150M, SEED  # noqa: E402  (stdlib-only at import)
+from generate import MODEL as MODEL_150M, SEED, serve  # noqa: E402  (stdlib-only at import)
 
 MODELS = {
     "demo": "gemma2_demo_teacher (shipped preset)",
@@ -382,20 +382,6 @@ def prompt_ids(count):
 
 
 # ---- timing workers (.venv: litert-lm-api and ai-edge-litert) --------------------------
-def serve(args, ready, timed):
-    channel = os.fdopen(args.channel_fd, "w")
-
-    def send(message):
-        channel.write(json.dumps(message) + "\n")
-        channel.flush()
-
-    send({"ready": True, **ready})
-    for line in sys.stdin:
-        if line.strip() != "round":
-            break
-        send(timed())
-
-
 def worker_engine(args):
     import litert_lm
 

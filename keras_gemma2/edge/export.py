@@ -36,7 +36,7 @@ import keras
 
 from keras_gemma2.causal_lm import Gemma2CausalLM
 from keras_gemma2.edge import litert_weights
-from keras_gemma2.edge.litert_conversion import convert_file, quantize_int4
+from keras_gemma2.edge.litert_conversion import CHILD_ENVIRONMENT, convert_file
 from keras_gemma2.edge.litertlm_bundle import write_bundle
 from keras_gemma2.edge.plan import DEFAULT_FORMAT, DEFAULT_QUANTIZATION, METADATA_NAME, plan_export
 from keras_gemma2.edge.signatures import build_signatures, metadata
@@ -56,6 +56,7 @@ def export(
     cache_length=None,
     prefill_lengths=None,
     progress=None,
+    embedding_quantization=None,
 ):
     """Export `model` (a Gemma2CausalLM) for on-device generation; returns the artifact path.
 
@@ -65,10 +66,13 @@ def export(
     file are written beside it as `<stem>.tokenizer.model` / `<stem>.json`);
     "saved_model" must be asked for (path is a new directory; tokenizer and
     metadata inside).
-    `quantization`: None (float32), "int8" or "int4". LiteRT: the converter's
-    per-channel int8 weights with float activations / ai-edge-quantizer's
-    channel-wise int4. SavedModel: the weights of a Keras-quantized copy of the
-    model (`Gemma2CausalLM.quantize`), dequantized inside the graph.
+    `quantization`: None (float32), "int8" or "int4". LiteRT: int8 or int4
+    weights, symmetric with one scale per output channel (int4: two codes a
+    byte), float32 activations (the runtime's hybrid kernels); the token
+    lookup and the tied output projection share one table quantized the same
+    way, one scale per row (`litert_weights`). SavedModel: the weights of a
+    Keras-quantized copy of the model (`Gemma2CausalLM.quantize`), dequantized
+    inside the graph.
     `cache_length`: positions the KV cache holds (prompt + generated tokens);
     None: min(1024, the model's context length).
     `prefill_lengths`: the static prompt buckets, each <= cache_length; None:
@@ -76,8 +80,10 @@ def export(
     (see `export_lengths`).
     `progress`: None (silent) or a callable `progress(stage, step, steps)`,
     called as step `step` of `steps` begins (an export of the 2B takes minutes).
+    `embedding_quantization`: LiteRT only; None (the token table as
+    `quantization`) or "int8" / "int4", e.g. int4 blocks with an int8 table.
     """
-    plan = plan_export(model, path, format, quantization, cache_length, prefill_lengths)
+    plan = plan_export(model, path, format, quantization, cache_length, prefill_lengths, embedding_quantization)
     if keras.backend.backend() == "tensorflow" and model.backbone.compute_dtype == "float32":
         return _export_here(
             model.backbone, model.tokenizer, plan, model.default_stop_token_ids(), progress=progress
@@ -88,17 +94,18 @@ def export(
 def _export_here(backbone, tokenizer, plan, stop_ids, stitch=True, progress=None, stage=None):
     """Trace, save and (for LiteRT) convert in this TensorFlow-backend process.
 
-    An int8 LiteRT export converts a two-block template and writes every
-    block's own weights into it (`litert_weights`): the converter's memory
-    then does not grow with depth. `stitch=False` converts the whole model
-    directly (the reference the tests compare against).
+    An int8 or int4 LiteRT export converts a two-block int8 template and
+    writes every block's own weights into it (`litert_weights`): the
+    converter's memory then does not grow with depth. `stitch=False` converts
+    the whole int8 model directly (the reference the tests compare against;
+    int4 always stitches: no converter writes it).
     `progress(stage, step, steps)` (see export) hears of each stage; or
     `stage(name)`, a callable that does the numbering (export_preset's).
     """
     import tensorflow as tf
 
     parent = os.path.dirname(plan.path)
-    stitched = stitch and plan.format != "saved_model" and plan.quantization == "int8"
+    stitched = _stitches(plan, stitch)
     if stage is None:
         stage = _Steps(progress, _stage_count(plan, backbone, stitch))
     if _quantizes_a_copy(plan, backbone):
@@ -137,16 +144,16 @@ def _export_here(backbone, tokenizer, plan, stop_ids, stitch=True, progress=None
         staged_model = os.path.join(staging, files["model"])
         if stitched:
             template = os.path.join(staging, "template.tflite")
-            convert_file(saved_model, template, signature_keys, plan.quantization, buffer_offsets=True)
+            convert_file(saved_model, template, signature_keys, "int8", buffer_offsets=True)
             shutil.rmtree(saved_model)
-            stage(f"writing each of the {backbone.config.num_layers} blocks' int8 weights")
-            litert_weights.stitch(template, staged_model, backbone)
+            stage(f"writing each of the {backbone.config.num_layers} blocks' {plan.quantization} weights")
+            litert_weights.stitch(
+                template, staged_model, backbone, bits=_BITS[plan.quantization],
+                embedding_bits=_BITS[plan.embedding_quantization],
+            )
             os.remove(template)
         else:
             convert_file(saved_model, staged_model, signature_keys, plan.quantization)
-        if plan.quantization == "int4":
-            stage("quantizing the weights to int4 (ai-edge-quantizer)")
-            quantize_int4(staged_model)
         if plan.format == "litertlm":
             stage("writing the .litertlm bundle (model, tokenizer, metadata)")
             staged_bundle = os.path.join(staging, os.path.basename(plan.path))
@@ -191,8 +198,18 @@ def _stage_count(plan, backbone, stitch=True):
     count = int(_quantizes_a_copy(plan, backbone)) + len(plan.prefill_lengths) + 1  # + decode
     count += 2  # saving the SavedModel; then writing files (saved_model) or converting (litert)
     if plan.format != "saved_model":
-        count += 1 + int(stitch and plan.quantization == "int8") + int(plan.quantization == "int4")
+        count += 1 + int(_stitches(plan, stitch))
     return count
+
+
+_BITS = {"int8": 8, "int4": 4}
+
+
+def _stitches(plan, stitch=True):
+    """Whether a LiteRT export converts an int8 template and writes each block's weights into it."""
+    if plan.format == "saved_model":
+        return False
+    return plan.quantization == "int4" or (stitch and plan.quantization == "int8")
 
 
 def _quantizes_a_copy(plan, backbone):
@@ -230,7 +247,9 @@ def _export_in_child(model, plan, progress=None):
         ]
         if plan.quantization:
             command += ["--quantization", plan.quantization]
-        environment = {**os.environ, "KERAS_BACKEND": "tensorflow", _PARENT_VARIABLE: str(os.getpid())}
+        if plan.embedding_quantization != plan.quantization:
+            command += [EMBEDDING_OPTION, plan.embedding_quantization]
+        environment = {**os.environ, **CHILD_ENVIRONMENT, _PARENT_VARIABLE: str(os.getpid())}
         _run_child(command, environment, stage)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -242,6 +261,8 @@ _STAGE_MARKER = "keras-gemma2 export stage: "
 # The CLI's hidden `export` options that make it the child: this flag, and the stop ids to write.
 CHILD_OPTION = "--tensorflow-child"
 STOP_IDS_OPTION = "--stop-ids"
+# export()'s `embedding_quantization` on the command line.
+EMBEDDING_OPTION = "--embedding-quantization"
 
 
 def _run_child(command, environment, stage):
@@ -296,7 +317,7 @@ _PARENT_VARIABLE = "KERAS_GEMMA2_EXPORT_PARENT"
 
 
 def export_preset(preset, path, format=DEFAULT_FORMAT, quantization=DEFAULT_QUANTIZATION, cache_length=None,
-                  prefill_lengths=None, stop_ids=None, log=None, stage=None):
+                  prefill_lengths=None, stop_ids=None, log=None, stage=None, embedding_quantization=None):
     """Load `preset` in float32 and export it (this process must run the TensorFlow backend).
 
     `stage(name)`, if given, is called as each stage begins, loading included.
@@ -307,14 +328,15 @@ def export_preset(preset, path, format=DEFAULT_FORMAT, quantization=DEFAULT_QUAN
     if stage:
         stage("loading the weights in a TensorFlow process")
     model = Gemma2CausalLM.from_preset(preset, dtype="float32")
-    plan = plan_export(model, path, format, quantization, cache_length, prefill_lengths)
+    plan = plan_export(model, path, format, quantization, cache_length, prefill_lengths, embedding_quantization)
     if log:
         log(f"loaded {preset} in {time.time() - start:.1f} s")
     stop_ids = list(stop_ids) if stop_ids else model.default_stop_token_ids()
     return _export_here(model.backbone, model.tokenizer, plan, stop_ids, stage=stage)
 
 
-def run_export_child(preset, path, format, quantization, cache_length, prefill_lengths, stop_ids):
+def run_export_child(preset, path, format, quantization, cache_length, prefill_lengths, stop_ids,
+                     embedding_quantization=None):
     """The TensorFlow child's export (`keras-gemma2 export --tensorflow-child`, from _export_in_child).
 
     It ends with its parent and reports each stage as a marked line on stderr.
@@ -327,4 +349,5 @@ def run_export_child(preset, path, format, quantization, cache_length, prefill_l
     return export_preset(
         preset, path, format, quantization, cache_length, prefill_lengths, stop_ids,
         log=lambda message: print(message, file=sys.stderr), stage=stage,
+        embedding_quantization=embedding_quantization,
     )

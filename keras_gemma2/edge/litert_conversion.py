@@ -5,6 +5,11 @@ import os
 import subprocess
 import sys
 
+# A TensorFlow child that only loads, traces and converts: with oneDNN's ops on, TensorFlow
+# allocates through a pool that never returns memory (assigning the 2B's 2.4 GB embedding
+# keeps the old buffer too), and it computes nothing that oneDNN would speed up.
+CHILD_ENVIRONMENT = {"KERAS_BACKEND": "tensorflow", "TF_ENABLE_ONEDNN_OPTS": "0"}
+
 # Above this the flatbuffer's 2 GB limit needs weights stored after it (buffer offsets).
 _LARGE_MODEL_BYTES = 1 << 30
 
@@ -35,7 +40,7 @@ def convert_file(saved_model_dir, output_path, signature_keys, quantization, buf
         "import json; from keras_gemma2.edge.litert_conversion import _write_litert; "
         f"_write_litert(**json.loads({arguments!r}))"
     )
-    environment = {**os.environ, "KERAS_BACKEND": "tensorflow"}
+    environment = {**os.environ, **CHILD_ENVIRONMENT}
     result = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True)
     if result.returncode != 0:
         killed = f" (killed by signal {-result.returncode}: out of memory?)" if result.returncode < 0 else ""
@@ -55,8 +60,9 @@ def convert_to_litert(saved_model_dir, signature_keys, quantization, weight_byte
     """SavedModel -> TFLite flatbuffer bytes with builtin ops only.
 
     int8 is the converter's dynamic-range quantization: per-channel int8
-    weights, float32 activations (hybrid kernels). int4 is produced from the
-    float file by `quantize_int4`.
+    weights, float32 activations (hybrid kernels). There is no int4 here: an
+    int4 export converts an int8 template and `litert_weights.stitch` writes
+    the int4 weights into it.
     """
     import tensorflow as tf
 
@@ -70,18 +76,3 @@ def convert_to_litert(saved_model_dir, signature_keys, quantization, weight_byte
         converter._experimental_use_buffer_offset = True  # weights after the 2 GB flatbuffer
     return converter.convert()
 
-
-def quantize_int4(path):
-    """Rewrite a float .tflite in place with int4 channel-wise weights (ai-edge-quantizer)."""
-    try:
-        from ai_edge_quantizer import quantizer, recipe
-    except ImportError as error:
-        raise ImportError(
-            "int4 export needs ai-edge-quantizer: pip install ai-edge-quantizer "
-            "(or keras-gemma2[export])."
-        ) from error
-    engine = quantizer.Quantizer(path, recipe.dynamic_wi4_afp32())
-    result = engine.quantize(enable_progress_report=False)
-    temporary = path + ".int4"
-    result.export_model(temporary, overwrite=True)
-    os.replace(temporary, path)

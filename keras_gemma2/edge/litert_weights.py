@@ -1,23 +1,30 @@
-"""int8 LiteRT files of any size in a few GB: convert a template, then write each block's weights.
+"""int8 and int4 LiteRT files of any size in a few GB: convert a template, then write each block's weights.
 
 The TFLite converter keeps every constant several times over (MLIR attributes
 are never freed, and it folds norm scales into the following weights as new
 copies): converting the 2B directly needs about 38 GB. `keras_gemma2.export`
 therefore converts a *template*: the whole graph (every layer, every
 signature) in which block l reads block l % 2's variables, so the converter
-only ever holds the embedding and two blocks. This module rewrites the
+only ever holds the embedding and two blocks. The template is always converted
+with the converter's int8 dynamic-range quantization. This module rewrites the
 template flatbuffer so that every block gets its own weights:
 
 * each block's fully-connected weights, folded as the converter folds them
   (the pre-norm scale 1 + w multiplies the input columns of the projections
   that follow the norm) and quantized as it quantizes them (symmetric int8
   per output channel, scale = max|w| / 127), and its post-norm scales;
+  int4 (`bits=4`): the same rows as TFLite INT4 tensors (two codes a byte, the
+  first in the low nibble), symmetric per output channel, scale = max|w| / 7,
+  halves rounded away from zero (the layout XNNPACK's qc4w kernels run);
 * blocks 0 and 1 are real in the template, so every export first checks this
   module's int8 against the converter's on them and stops if they differ;
-* the tied output projection reads the int8 token-lookup table (one copy of
-  the embedding in the file, as in LiteRT's published Gemma 2). The final-norm
-  scale and 1/soft-cap, which the converter had folded into that weight,
-  become one MUL in front of it.
+* the tied output projection reads the token-lookup table (one copy of
+  the embedding in the file, as in LiteRT's published Gemma 2), int8 or int4
+  with one scale per row (`embedding_bits`; the lookup's GATHER and CAST read
+  an INT4 table as they read an int8 one). In the template it reads the int8
+  table's codes through a gather at run time, so the converter never holds a
+  float copy of the 256k-row table (for the 2B, 2.4 GB, which it would keep
+  several times over).
 
 Weights are streamed to the output one tensor at a time (tensor data after the
 flatbuffer, at the offsets the LiteRT runtime reads for files over 2 GB).
@@ -85,26 +92,57 @@ def _template_path(path):
     return path
 
 
-def quantize_channels(weights):
-    """Symmetric int8 per row (output channel): (int8 [out, in], float32 scale [out])."""
+def quantize_channels(weights, bits=8):
+    """Symmetric per row (output channel): (int8 codes [out, in], float32 scale [out]).
+
+    `bits` 8: codes in [-127, 127], scale = max|w| / 127 (the converter's int8);
+    4: codes in [-7, 7], scale = max|w| / 7 (write them with `pack_int4`).
+    """
+    limit = np.float32(2 ** (bits - 1) - 1)
     weights = np.asarray(weights, np.float32)
-    scale = np.abs(weights).max(axis=1) / np.float32(127.0)
+    scale = np.abs(weights).max(axis=1) / limit
     safe = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
     # Halves round away from zero, like the converter (std::round); numpy's rint rounds
     # them to even, and weights that came from bfloat16 land on halves often.
     scaled = (weights / safe[:, None]).astype(np.float64)
-    return np.clip(np.trunc(scaled + np.copysign(0.5, scaled)), -127, 127).astype(np.int8), safe
+    return np.clip(np.trunc(scaled + np.copysign(0.5, scaled)), -limit, limit).astype(np.int8), safe
 
 
-def quantize_rows(variable, rows_per_chunk=8192):
-    """Symmetric int8 per row of a Keras variable, a chunk of rows at a time (the 2B's
-    table is 2.4 GB in float32): (int8 [rows, cols], float32 scales [rows])."""
+def pack_int4(codes):
+    """int8 codes in [-8, 7] -> TFLite INT4 bytes: element 2i in the low nibble of byte i,
+    2i + 1 in the high one, over the flattened tensor (what ai-edge-quantizer writes and
+    LiteRT reads)."""
+    flat = np.asarray(codes, np.int8).reshape(-1).view(np.uint8)
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    return (flat[0::2] & 0x0F) | (flat[1::2] << 4)
+
+
+def unpack_int4(packed, shape):
+    """TFLite INT4 bytes -> int8 codes of `shape` (the inverse of `pack_int4`)."""
+    packed = np.asarray(packed, np.uint8).reshape(-1)
+    pairs = np.stack([packed << 4, packed & 0xF0], axis=-1).view(np.int8) >> 4  # sign-extended
+    return pairs.reshape(-1)[: int(np.prod(shape))].reshape(shape)
+
+
+def _stored(codes, bits):
+    """The bytes of a tensor of int8 `codes` stored with `bits` bits a code."""
+    return codes if bits == 8 else pack_int4(codes)
+
+
+def _tensor_type(schema, bits):
+    return schema.TensorType.INT8 if bits == 8 else schema.TensorType.INT4
+
+
+def quantize_rows(variable, rows_per_chunk=8192, bits=8):
+    """Symmetric per row of a Keras variable, a chunk of rows at a time (the 2B's
+    table is 2.4 GB in float32): (int8 codes [rows, cols], float32 scales [rows])."""
     rows = variable.shape[0]
     codes, scales = np.empty(variable.shape, np.int8), np.empty((rows,), np.float32)
     for start in range(0, rows, rows_per_chunk):
         chunk = keras.ops.convert_to_numpy(variable[start : start + rows_per_chunk])
         codes[start : start + len(chunk)], scales[start : start + len(chunk)] = (
-            quantize_channels(chunk)
+            quantize_channels(chunk, bits)
         )
     return codes, scales
 
@@ -134,22 +172,12 @@ class BlockWeights:
         """The token-lookup table's per-row scales (those of the template's int8 table)."""
         return quantize_rows(self._variables["token_embedding/embeddings"])[1]
 
+    def embedding_rows(self, bits):
+        """The token-lookup table quantized per row: (int8 codes [vocab, hidden], float32 scales [vocab])."""
+        return quantize_rows(self._variables["token_embedding/embeddings"], bits=bits)
+
     def final_norm(self):
         return np.float32(1.0) + self.value("final_norm/scale")
-
-    def logits_folds(self):
-        """What the converter may fold into the tied projection's input columns, as
-        {name: (factor with the template's final norm, factor with the real one)}."""
-        hidden = self.config.hidden_dim
-        template_norm = np.float32(1.0) + template_final_norm(hidden)
-        cap = np.float32(self.config.final_logit_soft_cap or 1.0)
-        ones = np.ones(hidden, np.float32)
-        return {
-            "final norm and 1/soft-cap": (template_norm / cap, self.final_norm() / cap),
-            "final norm": (template_norm, self.final_norm()),
-            "1/soft-cap": (ones / cap, ones / cap),
-            "nothing": (ones, ones),
-        }
 
 
 class _Template:
@@ -199,8 +227,15 @@ def _agrees(q, scale, reference):
     return difference.max() <= 1 and np.count_nonzero(difference) <= max(1, q.size // 100)
 
 
-def stitch(template_path, output_path, backbone):
-    """Write `output_path`: the template with every block's own int8 weights. Returns its size."""
+def stitch(template_path, output_path, backbone, bits=8, embedding_bits=None):
+    """Write `output_path`: the int8 template with every block's own weights. Returns its size.
+
+    `bits`: 8 or 4, the blocks' fully-connected weights; `embedding_bits`: the
+    token table's (lookup and tied projection), None: `bits`.
+    """
+    if bits not in (8, 4) or embedding_bits not in (None, 8, 4):
+        raise ValueError(f"LiteRT stitching writes 8- or 4-bit weights, not {bits} / {embedding_bits}.")
+    embedding_bits = embedding_bits or bits
     template = _Template(template_path)
     schema = template.schema
     ops_enum = schema.BuiltinOperator
@@ -258,14 +293,13 @@ def stitch(template_path, output_path, backbone):
         for o, op in enumerate(subgraph.operators):
             code = template.codes[op.opcodeIndex]
             inputs = [int(i) for i in op.inputs]
-            if code == ops_enum.FULLY_CONNECTED and len(inputs) > 1 and constant(subgraph, inputs[1]):
-                tensor = subgraph.tensors[inputs[1]]
-                keys = candidates(tensor, reference_fc, same_fc)
-                # The tied projection is [vocab, hidden]; a block weight may happen to share that
-                # shape (a tiny model), so a weight that matches a block's is that block's.
-                if not keys and tuple(int(d) for d in tensor.shape) == (vocab, hidden):
+            if code == ops_enum.FULLY_CONNECTED and len(inputs) > 1 and not constant(subgraph, inputs[1]):
+                # The tied projection: its weights are the lookup table's codes, gathered at
+                # run time in the template (signatures._codes_at_run_time).
+                if tuple(int(d) for d in subgraph.tensors[inputs[1]].shape) == (vocab, hidden):
                     logits_sites.append((s, o))
-                    continue
+            elif code == ops_enum.FULLY_CONNECTED and len(inputs) > 1:
+                keys = candidates(subgraph.tensors[inputs[1]], reference_fc, same_fc)
                 block, name = assign(keys, "fully-connected weight")
                 sites.append((s, o, 1, block, name))
             elif code == ops_enum.MUL:
@@ -315,13 +349,14 @@ def stitch(template_path, output_path, backbone):
         if (block, name) in buffers:
             continue
         if name in PROJECTIONS:
-            if block in representatives:
+            if block in representatives and bits == 8:
                 q, scale = reference_fc[(block, name)]
             else:
-                q, scale = quantize_channels(weights.projection(block, name))
+                q, scale = quantize_channels(weights.projection(block, name), bits)
             scales[(block, name)] = scale
             buffers[(block, name)] = new_buffer(
-                lambda block=block, name=name: quantize_channels(weights.projection(block, name))[0], q.size
+                lambda block=block, name=name: _stored(quantize_channels(weights.projection(block, name), bits)[0], bits),
+                q.size if bits == 8 else (q.size + 1) // 2,
             )
             del q
         elif name == "final_norm":
@@ -349,45 +384,40 @@ def stitch(template_path, output_path, backbone):
             tensor.name = (f"decoder_block_{block}/{name}" if block is not None else name).encode()
             if name in PROJECTIONS:
                 tensor.quantization = quantization(tensor, scales[(block, name)])
+                tensor.type = _tensor_type(schema, bits)
             subgraph.tensors.append(tensor)
             new_tensors[key] = len(subgraph.tensors) - 1
         op.inputs[slot] = new_tensors[key]
 
-    row_scale = weights.embedding_row_scales() if logits_sites or scale_gathers else None
+    row_scale, int4_table = None, None
+    if (logits_sites or scale_gathers) and embedding_bits == 8:
+        row_scale = weights.embedding_row_scales()
+    elif logits_sites or scale_gathers:
+        if "table" not in lookup:
+            raise RuntimeError("LiteRT int4 export: the template has no int8 token lookup table.")
+        codes, row_scale = weights.embedding_rows(embedding_bits)
+        int4_table = pack_int4(codes)  # the 2B's: 295 MB (the codes, 590 MB, go now)
+        del codes
+        payloads[lookup["table"]] = (lambda: int4_table, int4_table.size)
 
-    # 3. The tied projection reads the lookup table; its folded input scale becomes a MUL.
-    if logits_sites:
-        table = template.array(_tensor_for_buffer(model, lookup["table"]))
-        s0, o0 = logits_sites[0]
-        folded = model.subgraphs[s0].tensors[int(model.subgraphs[s0].operators[o0].inputs[1])]
-        input_scale = real_logits_fold(template, folded, table, row_scale, weights)
-        scale_buffer = new_buffer(lambda: input_scale, hidden * 4) if input_scale is not None else None
-        mul_code = template.codes.index(ops_enum.MUL)
-        for s, o in sorted(logits_sites, reverse=True):
-            subgraph = model.subgraphs[s]
-            fc = subgraph.operators[o]
-            weight = copy.copy(subgraph.tensors[int(fc.inputs[1])])
-            weight.buffer = lookup["table"]
-            weight.name = b"token_embedding/int8_table"
-            weight.quantization = quantization(weight, row_scale)
-            subgraph.tensors.append(weight)
-            fc.inputs[1] = len(subgraph.tensors) - 1
-            if scale_buffer is None:
-                continue
-            _add_float_constant(schema, subgraph, hidden, scale_buffer, b"final_norm/logits_input_scale")
-            scaled = copy.copy(subgraph.tensors[int(fc.inputs[0])])
-            scaled.buffer = 0
-            scaled.quantization = None
-            scaled.name = b"final_norm/scaled"
-            subgraph.tensors.append(scaled)
-            mul = schema.OperatorT()
-            mul.opcodeIndex = mul_code
-            mul.inputs = [int(fc.inputs[0]), len(subgraph.tensors) - 2]
-            mul.outputs = [len(subgraph.tensors) - 1]
-            mul.builtinOptionsType = schema.BuiltinOptions.MulOptions
-            mul.builtinOptions = schema.MulOptionsT()
-            fc.inputs[0] = len(subgraph.tensors) - 1
-            subgraph.operators.insert(o, mul)
+    # 3. The tied projection reads the lookup table itself (per-row scales); the ops that
+    # computed its template weights at run time are dropped in step 4.
+    for s, o in logits_sites:
+        subgraph = model.subgraphs[s]
+        fc = subgraph.operators[o]
+        if _source_buffer(template, subgraph, int(fc.inputs[1])) != lookup["table"]:
+            raise RuntimeError(
+                "LiteRT int8 export: the template's tied projection does not read the int8 token "
+                "table; the template did not convert as expected."
+            )
+        weight = copy.copy(subgraph.tensors[int(fc.inputs[1])])
+        weight.buffer = lookup["table"]
+        weight.type = _tensor_type(schema, embedding_bits)
+        weight.name = f"token_embedding/int{embedding_bits}_table".encode()
+        weight.quantization = schema.QuantizationParametersT()
+        weight.quantization = quantization(weight, row_scale)
+        subgraph.tensors.append(weight)
+        fc.inputs[1] = len(subgraph.tensors) - 1
 
     # The converter quantizes the float row-scale table too (one int8 scale for all rows,
     # then a DEQUANTIZE): the lookup reads the exact float32 scales instead.
@@ -404,7 +434,11 @@ def stitch(template_path, output_path, backbone):
             gather.outputs[0] = consumers[0].outputs[0]
             subgraph.operators.remove(consumers[0])
 
-    # 4. Keep the template's data only where a tensor still reads it.
+    # 4. Drop the ops nothing reads any more; keep the template's data only where a tensor still reads it.
+    for subgraph in model.subgraphs:
+        _drop_unread_ops(subgraph)
+    if int4_table is not None:
+        _read_int4_table(template, lookup["table"])
     used = {0}
     for subgraph in model.subgraphs:
         referenced = set()
@@ -433,6 +467,48 @@ def stitch(template_path, output_path, backbone):
     return write_flatbuffer(model, payloads, output_path, schema)
 
 
+def _source_buffer(template, subgraph, index):
+    """The constant buffer a run-time tensor is gathered or cast from (None if none)."""
+    producers = {int(i): op for op in subgraph.operators for i in op.outputs}
+    ops_enum = template.schema.BuiltinOperator
+    while index in producers:
+        op = producers[index]
+        if template.codes[op.opcodeIndex] not in (ops_enum.CAST, ops_enum.GATHER, ops_enum.DEQUANTIZE):
+            return None
+        index = int(op.inputs[0])
+        if template.has_data(subgraph.tensors[index].buffer):
+            return subgraph.tensors[index].buffer
+    return None
+
+
+def _read_int4_table(template, table):
+    """Each lookup GATHER of the token table reads it as INT4 (LiteRT's GATHER unpacks it)
+    and gives INT4 rows, which only CASTs to float read."""
+    schema, ops_enum = template.schema, template.schema.BuiltinOperator
+    for subgraph in template.model.subgraphs:
+        for op in subgraph.operators:
+            if template.codes[op.opcodeIndex] != ops_enum.GATHER or subgraph.tensors[op.inputs[0]].buffer != table:
+                continue
+            readers = [other for other in subgraph.operators if op.outputs[0] in other.inputs]
+            if not readers or any(template.codes[other.opcodeIndex] != ops_enum.CAST for other in readers):
+                raise RuntimeError(
+                    "LiteRT int4 export: the token lookup's rows are read by an op other than a CAST; "
+                    "the template did not convert as expected."
+                )
+            subgraph.tensors[op.inputs[0]].type = schema.TensorType.INT4
+            subgraph.tensors[op.outputs[0]].type = schema.TensorType.INT4
+
+
+def _drop_unread_ops(subgraph):
+    """Remove, until none is left, each op whose outputs no op and no signature output reads."""
+    while True:
+        read = {int(i) for op in subgraph.operators for i in op.inputs} | {int(i) for i in subgraph.outputs}
+        kept = [op for op in subgraph.operators if any(int(i) in read for i in op.outputs)]
+        if len(kept) == len(subgraph.operators):
+            return
+        subgraph.operators = kept
+
+
 def _add_float_constant(schema, subgraph, length, buffer, name):
     """Append a float32 [length] tensor reading `buffer`; returns its index."""
     tensor = schema.TensorT()
@@ -447,43 +523,6 @@ def _tensor_for_buffer(model, buffer_index):
             if tensor.buffer == buffer_index:
                 return tensor
     raise KeyError(buffer_index)
-
-
-def real_logits_fold(template, folded, table, row_scale, weights, rows_per_chunk=16384):
-    """Which input-column factor the converter folded into the tied projection, with the real
-    final norm in place of the template's; None when nothing was folded.
-
-    The folded weight is compared with the lookup table, chunk by chunk: a least-squares
-    factor per column picks the candidate, then every value must lie within one int8 step
-    of either quantization.
-    """
-    their_scale = np.asarray(folded.quantization.scale, np.float32)
-    theirs_q = template.array(folded)
-    numerator = np.zeros(table.shape[1], np.float64)
-    denominator = np.zeros(table.shape[1], np.float64)
-    for start in range(0, table.shape[0], rows_per_chunk):
-        rows = slice(start, start + rows_per_chunk)
-        theirs = theirs_q[rows].astype(np.float32) * their_scale[rows, None]
-        ours = table[rows].astype(np.float32) * row_scale[rows, None]
-        numerator += (theirs * ours).sum(0, dtype=np.float64)
-        denominator += (ours * ours).sum(0, dtype=np.float64)
-    factor = numerator / np.maximum(denominator, 1e-30)
-    for name, (template_factor, real_factor) in weights.logits_folds().items():
-        if np.max(np.abs(factor - template_factor)) > 0.02 * np.max(np.abs(template_factor)):
-            continue
-        for start in range(0, table.shape[0], rows_per_chunk):
-            rows = slice(start, start + rows_per_chunk)
-            theirs = theirs_q[rows].astype(np.float32) * their_scale[rows, None]
-            ours = table[rows].astype(np.float32) * row_scale[rows, None] * template_factor[None, :]
-            step = their_scale[rows, None] + row_scale[rows, None] * np.abs(template_factor)[None, :]
-            if not np.all(np.abs(theirs - ours) <= step * 1.01):
-                break
-        else:
-            return None if name == "nothing" else real_factor
-    raise RuntimeError(
-        "LiteRT int8 export: the tied projection's weight is not the embedding times a known "
-        "factor (final norm, 1/soft-cap); the template did not convert as expected."
-    )
 
 
 def write_flatbuffer(model, payloads, path, schema):

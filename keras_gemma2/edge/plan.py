@@ -56,6 +56,8 @@ class ExportPlan:
     quantization: object
     cache_length: int
     prefill_lengths: tuple
+    # LiteRT: the token table's quantization (lookup and tied projection), None when float.
+    embedding_quantization: object = None
 
 
 def export_lengths(config, cache_length=None, prefill_lengths=None):
@@ -78,13 +80,24 @@ def export_lengths(config, cache_length=None, prefill_lengths=None):
     return cache_length, prefill_lengths
 
 
-def plan_export(model, path, format, quantization, cache_length, prefill_lengths):
-    """Validate every argument; raise ValueError naming the problem and the fix."""
+def plan_export(model, path, format, quantization, cache_length, prefill_lengths, embedding_quantization=None):
+    """Validate every argument; raise ValueError naming the problem and the fix.
+
+    `embedding_quantization`: None (the token table as `quantization`) or "int8" /
+    "int4", for a LiteRT file with quantized blocks (e.g. int4 blocks, int8 table).
+    """
     path = os.path.abspath(os.fspath(path))
     format = format_of(path, format)
     if quantization not in QUANTIZATIONS:
         raise ValueError(
             f"Unknown quantization {quantization!r}; use None (float32), 'int8' or 'int4'."
+        )
+    if embedding_quantization is not None and (
+        embedding_quantization not in QUANTIZATIONS or format == "saved_model" or quantization is None
+    ):
+        raise ValueError(
+            f"embedding_quantization={embedding_quantization!r}: use None, 'int8' or 'int4', with a "
+            ".litertlm / .tflite export whose quantization is 'int8' or 'int4'."
         )
     if format == "saved_model":
         if os.path.exists(path):
@@ -149,7 +162,8 @@ def plan_export(model, path, format, quantization, cache_length, prefill_lengths
                 "its tokenizer (from_preset) or export to .tflite (token ids in, logits out)."
             )
     return ExportPlan(
-        path, format, quantization, int(cache_length), tuple(sorted({int(p) for p in prefill_lengths}))
+        path, format, quantization, int(cache_length), tuple(sorted({int(p) for p in prefill_lengths})),
+        (embedding_quantization or quantization) if format != "saved_model" else None,
     )
 
 

@@ -54,9 +54,12 @@ def build_signatures(backbone, cache_length, prefill_lengths, int8_lookup=False,
             tf_variables[id(source)] = (
                 tf.Variable(source, trainable=False) if isinstance(source, np.ndarray) else source.value
             )
-    module.weights = list(tf_variables.values())
-    read = [tf_variables[id(source)] for source in sources]
     embedding = backbone.token_embedding
+    # The template reads only the int8 table (lookup and projection): the float table stays
+    # out of the SavedModel, so the converter process never loads it.
+    unread = {id(embedding.embeddings.value)} if template and int8_lookup else set()
+    module.weights = [v for v in tf_variables.values() if id(v) not in unread]
+    read = [tf_variables[id(source)] for source in sources]
     if int8_lookup:
         # The token lookup reads an int8 copy (a row per token, dequantized on the fly);
         # the output projection keeps the float table for the converter to quantize.
@@ -89,7 +92,7 @@ def build_signatures(backbone, cache_length, prefill_lengths, int8_lookup=False,
             try:
                 yield
             finally:
-                embedding.int8_lookup = None
+                embedding.int8_lookup = embedding.projection_codes = None
                 for layer, _ in fused:
                     layer.fused_kernel = None  # the layers' default
 
@@ -135,6 +138,8 @@ def build_signatures(backbone, cache_length, prefill_lengths, int8_lookup=False,
     )
     def decode(tokens, input_pos, *caches):
         with scope():
+            if template and int8_lookup:
+                embedding.projection_codes = _codes_at_run_time(module.lookup_table, input_pos)
             hidden, named = run(tokens, input_pos, caches)
             return {"logits": backbone.logits(hidden), **named}
 
@@ -148,6 +153,19 @@ def build_signatures(backbone, cache_length, prefill_lengths, int8_lookup=False,
             stage(f"tracing the {name} signature")
         concrete[name] = function.get_concrete_function()
     return module, concrete, list(layout.slots)
+
+
+def _codes_at_run_time(table, input_pos):
+    """`table`'s rows through a gather whose indices depend on an input (always 0..vocab-1).
+
+    The template's tied projection reads these: the converter cannot fold a float
+    copy of the 256k-row table into the graph (2.4 GB for the 2B, held several
+    times over), and stitching points the projection at the int8 table itself.
+    """
+    from keras import ops
+
+    offset = ops.minimum(input_pos[0], 0)  # 0 for every valid position; unknown to the converter
+    return ops.take(table, ops.arange(table.shape[0], dtype="int32") + offset, axis=0)
 
 
 def metadata(backbone, tokenizer, plan, stop_ids, slots, files):

@@ -223,6 +223,10 @@ class TiedEmbedding(keras.layers.Layer):
         # Optional (int8 table [vocab, hidden], float32 row scales [vocab]) that token
         # lookups read instead of `embeddings`: the edge export's quantized lookup.
         self.int8_lookup = None
+        # Optional int8 codes [vocab, hidden] the tied projection reads instead of
+        # `embeddings`: the int8 export's template (edge/litert_weights) computes them at
+        # run time, so the converter never holds a float copy of the table.
+        self.projection_codes = None
 
     def build(self, input_shape=None):
         if self.quantization_mode is not None:
@@ -241,8 +245,10 @@ class TiedEmbedding(keras.layers.Layer):
     def call(self, inputs, reverse=False):
         if reverse:
             dtype = wide_dtype(self.compute_dtype)
-            kernel = ops.cast(self.embeddings, dtype)
-            logits = rows_times_transposed(ops.cast(inputs, dtype), kernel)
+            if self.projection_codes is None:
+                logits = rows_times_transposed(ops.cast(inputs, dtype), ops.cast(self.embeddings, dtype))
+            else:  # the codes as the product's right operand: the converter's FULLY_CONNECTED weights
+                logits = ops.einsum("btd,fd->btf", ops.cast(inputs, dtype), ops.cast(self.projection_codes, dtype))
             return soft_cap(logits, self.logit_soft_cap)
         ids = ops.cast(inputs, "int32")
         if self.int8_lookup is not None:

@@ -97,8 +97,11 @@ def test_litert_file_uses_builtin_ops_only(tiny_model, tmp_path):
 
 
 def _fc_weights(path):
-    """{tensor name: (int8 weights, scales, buffer)} of every fully-connected op in a .tflite."""
+    """{tensor name: (int8 codes, scales, buffer)} of every fully-connected op in a .tflite
+    (INT4 weights unpacked); "lookup": (None, None, buffer, type) of the token lookup's table."""
     from tensorflow.lite.python import schema_py_generated as schema
+
+    from keras_gemma2.edge.litert_weights import unpack_int4
 
     raw = np.fromfile(path, np.uint8)
     model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(raw, 0))
@@ -109,16 +112,20 @@ def _fc_weights(path):
             if codes[op.opcodeIndex] == schema.BuiltinOperator.FULLY_CONNECTED:
                 tensor = subgraph.tensors[op.inputs[1]]
                 buffer = model.buffers[tensor.buffer]
-                data = raw[buffer.offset : buffer.offset + buffer.size] if buffer.offset > 1 else buffer.data
+                data = np.asarray(
+                    raw[buffer.offset : buffer.offset + buffer.size] if buffer.offset > 1 else buffer.data, np.uint8
+                )
+                shape = tuple(int(d) for d in tensor.shape)
                 found[tensor.name.decode()] = (
-                    np.asarray(data).view(np.int8).reshape(tensor.shape),
+                    unpack_int4(data, shape) if tensor.type == schema.TensorType.INT4
+                    else data.view(np.int8).reshape(shape),
                     np.asarray(tensor.quantization.scale, np.float32),
                     tensor.buffer,
                 )
             if codes[op.opcodeIndex] == schema.BuiltinOperator.GATHER:
                 tensor = subgraph.tensors[op.inputs[0]]
-                if tensor.type == schema.TensorType.INT8:
-                    found["lookup"] = (None, None, tensor.buffer)
+                if tensor.type in (schema.TensorType.INT8, schema.TensorType.INT4):
+                    found["lookup"] = (None, None, tensor.buffer, tensor.type)
     return found
 
 
@@ -156,21 +163,58 @@ def test_int8_export_writes_every_block_its_own_weights(tiny_model, tmp_path, we
 
 
 @needs_tf
+@pytest.mark.parametrize("embedding", ["int4", "int8"])
+def test_int4_export_writes_every_block_its_own_int4_weights(tiny_model, tmp_path, embedding, Runner):
+    """int4 takes int8's path (an int8 template, each block's weights written in) with 4-bit codes:
+    INT4 tensors, one scale per output channel; the token table int4 too unless asked for int8."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    from keras_gemma2.edge import litert_weights
+
+    path = tmp_path / "m.tflite"
+    keras_gemma2.export(tiny_model, path, quantization="int4", cache_length=CACHE, prefill_lengths=(8,),
+                        embedding_quantization=None if embedding == "int4" else embedding)
+    weights = _fc_weights(str(path))
+    reference = litert_weights.BlockWeights(tiny_model.backbone)
+    for block in range(TINY.num_layers):  # block 2 reads block 0's weights in the template
+        for name in litert_weights.PROJECTIONS:
+            q, scale, _ = weights[f"decoder_block_{block}/{name}"]
+            expected_q, expected_scale = litert_weights.quantize_channels(reference.projection(block, name), bits=4)
+            assert np.abs(expected_q).max() == 7
+            np.testing.assert_array_equal(q, expected_q)
+            np.testing.assert_allclose(scale, expected_scale, rtol=1e-6)
+    # One table, lookup and tied projection: its codes and row scales are litert_weights' own.
+    bits = int(embedding[3:])
+    q, scale, table = weights[f"token_embedding/{embedding}_table"]
+    assert weights["lookup"][2:] == (table, getattr(schema.TensorType, embedding.upper()))
+    expected_q, expected_scale = litert_weights.quantize_rows(tiny_model.backbone.token_embedding.embeddings,
+                                                              bits=bits)
+    np.testing.assert_array_equal(q, expected_q)
+    np.testing.assert_allclose(scale, expected_scale, rtol=1e-6)
+    # It runs (the agreement with the float model is measured on the demo teacher below).
+    runner = Runner.load(str(path))
+    assert runner.metadata["quantization"] == "int4"
+    assert len(runner.generate(PROMPTS[1], max_new_tokens=8)) == len(PROMPTS[1]) + 8
+
+
+@needs_tf
 @pytest.mark.parametrize("broken, message", [
     ("projection", "matches no block weight"),  # e.g. a converter that stopped folding the norm scale
-    ("logits_folds", "tied projection's weight"),
+    ("codes", "does not read the int8 token table"),  # the tied projection reads another table
 ])
 def test_int8_export_stops_when_its_quantization_disagrees_with_the_converter(
     tiny_model, tmp_path, monkeypatch, broken, message
 ):
-    from keras_gemma2.edge import litert_weights
+    from keras_gemma2.edge import litert_weights, signatures
 
-    original = getattr(litert_weights.BlockWeights, broken)
     if broken == "projection":
-        replacement = lambda self, b, n: original(self, b, n) * 1.5  # noqa: E731
+        original = litert_weights.BlockWeights.projection
+        monkeypatch.setattr(litert_weights.BlockWeights, "projection",
+                            lambda self, b, n: original(self, b, n) * 1.5)
     else:
-        replacement = lambda self: {k: (t * 1.5, r) for k, (t, r) in original(self).items()}  # noqa: E731
-    monkeypatch.setattr(litert_weights.BlockWeights, broken, replacement)
+        original = signatures._codes_at_run_time
+        monkeypatch.setattr(signatures, "_codes_at_run_time",
+                            lambda table, input_pos: original(keras.ops.flip(table, 0), input_pos))
     with pytest.raises(RuntimeError, match=message):
         keras_gemma2.export(tiny_model, tmp_path / "m.tflite", quantization="int8", cache_length=CACHE,
                             prefill_lengths=(8,))

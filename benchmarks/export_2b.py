@@ -35,6 +35,7 @@ import argparse
 import glob
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -151,6 +152,7 @@ def checkpoint_step(directory, layers):
     start = time.time()
     presets.save_preset(directory, config, variables, keras.dtype_policies.DTypePolicy("float32"),
                         keras_gemma2.Gemma2Tokenizer(tokenizer_path))
+    shutil.rmtree(scratch)
     return {"parameters": config.parameter_count(), "layers": layers, "write_s": time.time() - start}
 
 
@@ -173,11 +175,17 @@ def _variable_shapes(config):
 
 
 # ---- 2. exports ---------------------------------------------------------------------------
+# --quantizations names: the export's quantization, and "+int8-table" for int4 blocks with an int8 token table.
+INT8_TABLE = "+int8-table"
+
+
 def export_step(preset, path, quantization, cache_length, prefill):
     """`keras-gemma2 export` as a user runs it; its wall time and memory."""
     command = [sys.executable, "-m", "keras_gemma2.cli", "export", "--preset", preset, path,
-               "--quantization", quantization, "--cache-length", str(cache_length),
+               "--quantization", quantization.removesuffix(INT8_TABLE), "--cache-length", str(cache_length),
                "--prefill-lengths", str(prefill)]
+    if quantization.endswith(INT8_TABLE):
+        command += ["--embedding-quantization", "int8"]
     environment = {**os.environ, "KERAS_BACKEND": "tensorflow", "PYTHONPATH": ROOT}
     start = time.time()
     process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -312,7 +320,8 @@ def cpu_flags():
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=26)
-    parser.add_argument("--quantizations", nargs="+", default=["int8", "int4"])
+    parser.add_argument("--quantizations", nargs="+", default=["int8", "int4", "int4" + INT8_TABLE],
+                        help=f"int8, int4, int4{INT8_TABLE} (int4 blocks, int8 token table)")
     parser.add_argument("--cache-length", type=int, default=1024)
     parser.add_argument("--prefill", type=int, default=128)
     parser.add_argument("--decode", type=int, default=32)

@@ -18,7 +18,7 @@ import keras_gemma2
 from keras_gemma2 import cli_startup
 from keras_gemma2.edge import litertlm_engine
 from keras_gemma2.edge import plan as export_plan
-from keras_gemma2.edge.export import CHILD_OPTION, STOP_IDS_OPTION, run_export_child
+from keras_gemma2.edge.export import CHILD_OPTION, EMBEDDING_OPTION, STOP_IDS_OPTION, run_export_child
 from keras_gemma2.io import atomic
 from keras_gemma2.training import data, merging, offline_distillation, trainer
 from keras_gemma2.training.distillation import Distiller
@@ -115,7 +115,7 @@ def _generate(args):
 def _export(args):
     if args.tensorflow_child:  # started by an export under JAX or PyTorch (edge/export.py)
         run_export_child(args.preset, args.path, args.format, args.quantization, args.cache_length,
-                         args.prefill_lengths, args.stop_ids)
+                         args.prefill_lengths, args.stop_ids, args.embedding_quantization)
         return None  # the status main() returns: 0 (the path is not an exit status)
     progress = _ExportProgress()
     progress.note(f"loading {args.preset}")
@@ -128,6 +128,7 @@ def _export(args):
     path = keras_gemma2.export(
         model, args.path, format=args.format, quantization=args.quantization,
         cache_length=cache_length, prefill_lengths=prefill_lengths, progress=progress,
+        embedding_quantization=args.embedding_quantization,
     )
     print(f"wrote {path}")
 
@@ -756,6 +757,7 @@ def build_parser():
     export.add_argument("--cache-length", type=int, default=None, help=export_plan.HELP["cache_length"])
     export.add_argument("--prefill-lengths", type=int, nargs="+", default=None,
                         help=export_plan.HELP["prefill_lengths"])
+    export.add_argument(EMBEDDING_OPTION, default=None, help=export_plan.HELP["embedding_quantization"])
     # Hidden: what only the TensorFlow child of an export under another backend needs.
     export.add_argument(CHILD_OPTION, action="store_true", help=argparse.SUPPRESS)
     export.add_argument(STOP_IDS_OPTION, type=int, nargs="*", default=None, help=argparse.SUPPRESS)

@@ -247,7 +247,7 @@ def _export_in_child(model, plan, progress=None):
         ]
         if plan.quantization:
             command += ["--quantization", plan.quantization]
-        if plan.embedding_quantization != plan.quantization:
+        if plan.embedding_quantization not in (None, plan.quantization):
             command += [EMBEDDING_OPTION, plan.embedding_quantization]
         environment = {**os.environ, **CHILD_ENVIRONMENT, _PARENT_VARIABLE: str(os.getpid())}
         _run_child(command, environment, stage)

@@ -41,6 +41,10 @@ HELP = {
         f"{' or '.join(q for q in QUANTIZATIONS if q)} "
         f"(default: {DEFAULT_QUANTIZATION or 'none, float32'})"
     ),
+    "embedding_quantization": (
+        "a .litertlm / .tflite's token table (lookup and tied output projection): int8 or int4 "
+        "(default: as --quantization)"
+    ),
     "cache_length": f"positions the KV cache holds, prompt plus generated tokens (default: {CACHE_LENGTH_TEXT})",
     "prefill_lengths": f"static prompt buckets, each at most the cache length (default: {PREFILL_LENGTHS_TEXT})",
 }

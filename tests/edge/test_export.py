@@ -96,12 +96,17 @@ def test_litert_file_uses_builtin_ops_only(tiny_model, tmp_path):
     assert set(interpreter.get_signature_list()) == {"prefill_8", "decode"}
 
 
+def _int4_codes(data, shape):
+    """TFLite INT4 bytes -> int8 codes: element 2i in the low nibble of byte i, 2i + 1 in the high one."""
+    nibbles = np.stack([data & 0x0F, data >> 4], axis=-1).reshape(-1).astype(np.int8)
+    codes = np.where(nibbles > 7, nibbles - 16, nibbles).astype(np.int8)
+    return codes[: int(np.prod(shape))].reshape(shape)
+
+
 def _fc_weights(path):
     """{tensor name: (int8 codes, scales, buffer)} of every fully-connected op in a .tflite
     (INT4 weights unpacked); "lookup": (None, None, buffer, type) of the token lookup's table."""
     from tensorflow.lite.python import schema_py_generated as schema
-
-    from keras_gemma2.edge.litert_weights import unpack_int4
 
     raw = np.fromfile(path, np.uint8)
     model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(raw, 0))
@@ -117,7 +122,7 @@ def _fc_weights(path):
                 )
                 shape = tuple(int(d) for d in tensor.shape)
                 found[tensor.name.decode()] = (
-                    unpack_int4(data, shape) if tensor.type == schema.TensorType.INT4
+                    _int4_codes(data, shape) if tensor.type == schema.TensorType.INT4
                     else data.view(np.int8).reshape(shape),
                     np.asarray(tensor.quantization.scale, np.float32),
                     tensor.buffer,
@@ -171,6 +176,9 @@ def test_int4_export_writes_every_block_its_own_int4_weights(tiny_model, tmp_pat
 
     from keras_gemma2.edge import litert_weights
 
+    # The rule: symmetric, scale = max|w| / 7, halves rounded away from zero.
+    q, scale = litert_weights.quantize_channels(np.array([[7.0, 3.5, -2.5, 0.49, -7.0]]), bits=4)
+    assert q.tolist() == [[7, 4, -3, 0, -7]] and scale.tolist() == [1.0]
     path = tmp_path / "m.tflite"
     keras_gemma2.export(tiny_model, path, quantization="int4", cache_length=CACHE, prefill_lengths=(8,),
                         embedding_quantization=None if embedding == "int4" else embedding)
@@ -193,8 +201,9 @@ def test_int4_export_writes_every_block_its_own_int4_weights(tiny_model, tmp_pat
     np.testing.assert_allclose(scale, expected_scale, rtol=1e-6)
     # It runs (the agreement with the float model is measured on the demo teacher below).
     runner = Runner.load(str(path))
+    runner.stop_ids = set()
     assert runner.metadata["quantization"] == "int4"
-    assert len(runner.generate(PROMPTS[1], max_new_tokens=8)) == len(PROMPTS[1]) + 8
+    assert len(runner.generate(PROMPTS[1], max_new_tokens=8)) == 8
 
 
 @needs_tf
@@ -261,16 +270,25 @@ def test_int8_litert_agrees_on_top1_and_is_a_quarter_of_float(demo_teacher, tmp_
 
 
 @needs_tf
-def test_int4_litert_through_ai_edge_quantizer(demo_teacher, tmp_path, Runner):
-    pytest.importorskip("ai_edge_quantizer")
-    paths = {q: tmp_path / f"{q}.tflite" for q in ("int8", "int4")}
-    for quantization, path in paths.items():
-        keras_gemma2.export(demo_teacher, path, quantization=quantization, cache_length=64, prefill_lengths=(16,))
-    assert os.path.getsize(paths["int4"]) < os.path.getsize(paths["int8"])
-    ids = _held_out_ids(demo_teacher)[:64]
+def test_int4_litert_agrees_on_top1_and_is_smaller_than_int8(demo_teacher, tmp_path, Runner):
+    """The demo teacher's held-out text (199 teacher-forced steps): int4 blocks with an int4 table,
+    and with an int8 table, against the float model; each file smaller than the int8 one."""
+    ids = _held_out_ids(demo_teacher)
     expected = np.asarray(demo_teacher({"token_ids": np.array([ids])}))[0].argmax(-1)[:-1]
-    agreement = (Runner.load(str(paths["int4"])).teacher_forced_argmax(ids) == expected).mean()
-    assert agreement >= 0.6, agreement  # channel-wise int4 on a tiny model: measured 0.84 on 255 steps
+    sizes, agreement = {}, {}
+    for quantization, embedding in (("int8", None), ("int4", None), ("int4", "int8")):
+        path = tmp_path / f"{quantization}_{embedding}.tflite"
+        keras_gemma2.export(demo_teacher, path, quantization=quantization, cache_length=256, prefill_lengths=(16,),
+                            embedding_quantization=embedding)
+        sizes[quantization, embedding] = os.path.getsize(path)
+        predicted = Runner.load(str(path)).teacher_forced_argmax(ids, prompt_length=1)
+        agreement[quantization, embedding] = (predicted == expected).mean()
+    # Measured: int8 0.985; int4 0.829; int4 with the int8 table 0.894 (channel-wise int4 on a
+    # 2048-token, 192-wide model; ai-edge-quantizer's int4 measured 0.84 here).
+    assert agreement["int4", None] >= 0.75, agreement
+    assert agreement["int4", "int8"] >= 0.85, agreement
+    # Measured 2,593,472 / 1,708,736 / 1,512,128 bytes.
+    assert sizes["int4", None] < sizes["int4", "int8"] < 0.7 * sizes["int8", None], sizes
 
 
 @needs_tf
@@ -324,6 +342,18 @@ def test_export_from_another_backend_runs_a_tensorflow_child(tiny_model, tmp_pat
     assert Runner.load(str(path)).generate(prompt, max_new_tokens=8) == _reference(tiny_model, prompt)[:8]
 
 
+@pytest.mark.skipif(ON_TF, reason="the child-process path is for non-TensorFlow backends")
+def test_the_tensorflow_child_gets_the_embedding_quantization(tiny_model, tmp_path):
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    path = tmp_path / "m.tflite"
+    keras_gemma2.export(tiny_model, path, quantization="int4", embedding_quantization="int8",
+                        cache_length=CACHE, prefill_lengths=(16,))
+    weights = _fc_weights(path)
+    assert weights["lookup"][3] == schema.TensorType.INT8  # the table int8, the blocks int4
+    assert weights["decoder_block_0/down"][0].max() <= 7
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -340,6 +370,9 @@ def test_export_from_another_backend_runs_a_tensorflow_child(tiny_model, tmp_pat
         ({"path": "m.litertlm", "prefill_lengths": (8, 32)}, "exceed cache_length"),
         ({"path": "m.litertlm"}, "carries the tokenizer"),  # the tiny model has none
         ({"prefill_lengths": (0,)}, "positive integers"),
+        ({"embedding_quantization": "int8"}, "embedding_quantization='int8'"),  # a float export
+        ({"quantization": "int4", "embedding_quantization": "int2"}, "use None, 'int8' or 'int4'"),
+        ({"format": "saved_model", "quantization": "int4", "embedding_quantization": "int8"}, ".tflite export"),
     ],
 )
 def test_bad_arguments_fail_before_any_work(tiny_model, tmp_path, kwargs, message):

@@ -170,6 +170,43 @@ def test_int8_bundle_agrees_with_float_on_teacher_forced_top1(tmp_path, Runner):
     assert agreement >= 0.95, agreement
 
 
+def test_int4_bundle_runs_in_the_engine_as_in_the_runner(tmp_path, Runner):
+    """int4 blocks and an int4 token table (the lookup's GATHER reads INT4, the tied projection the
+    same table): the engine loads the bundle, and its greedy text is the runner's on the bundle's .tflite."""
+    if not ON_TF:
+        pytest.skip("in-process export under TensorFlow")
+    from litert_lm_builder import litertlm_builder
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    model = keras_gemma2.from_preset("gemma2_demo_teacher", dtype="float32")
+    path = str(tmp_path / "teacher.litertlm")
+    keras_gemma2.export(model, path, quantization="int4", cache_length=128, prefill_lengths=(16,))
+    prompt = "def fib(n):"
+    engine = litertlm_engine.BundleEngine(path, threads=2, cache_dir=str(tmp_path / "xnnpack"))
+    try:
+        text = "".join(engine.stream(prompt, max_new_tokens=24))
+    finally:
+        engine.close()
+
+    unpacked = tmp_path / "unpacked"
+    toml = litertlm_builder.unpack(path, str(unpacked))
+    with open(toml) as f:
+        line = next(line for line in f if METADATA_KEY in line)
+    description = json.loads(json.loads(line.split("value = ", 1)[1].rsplit(" }", 1)[0]))
+    (tflite,) = [n for n in os.listdir(unpacked) if n.endswith(".tflite")]
+    (spiece,) = [n for n in os.listdir(unpacked) if n.endswith(".spiece")]
+    raw = np.fromfile(unpacked / tflite, np.uint8)
+    flatbuffer = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(raw, 0))
+    int4 = {t.name for subgraph in flatbuffer.subgraphs for t in subgraph.tensors
+            if t.type == schema.TensorType.INT4}
+    assert b"token_embedding/int4_table" in int4 and b"decoder_block_3/down" in int4
+    description["files"] = {"model": tflite, "tokenizer": spiece}
+    with open(unpacked / (os.path.splitext(tflite)[0] + ".json"), "w") as f:
+        json.dump(description, f)
+    expected = Runner.load(str(unpacked / tflite)).generate(prompt, max_new_tokens=24)
+    assert len(expected) > 20 and text == expected, (text, expected)
+
+
 def test_cli_run_and_chat_stream_the_engine(bundle, engine, capsys, monkeypatch):
     path, model = bundle
     assert cli.main(["run", path, SHORT, "--max-new-tokens", "5", "--threads", "2"]) == 0

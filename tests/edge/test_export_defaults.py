@@ -89,6 +89,7 @@ def test_cli_export_of_the_demo_preset_with_the_defaults_shows_its_stages(tmp_pa
 
 @pytest.mark.parametrize("format, quantization, stage", [
     ("litert", "int8", "writing each of the 3 blocks' int8 weights"),
+    ("litert", "int4", "writing each of the 3 blocks' int4 weights"),
     ("saved_model", "int8", "quantizing a copy of the model to int8 in Keras"),
 ])
 def test_progress_counts_every_stage_of_the_export(tmp_path, format, quantization, stage):

@@ -528,14 +528,6 @@ def _add_float_constant(schema, subgraph, length, buffer, name):
     return len(subgraph.tensors) - 1
 
 
-def _tensor_for_buffer(model, buffer_index):
-    for subgraph in model.subgraphs:
-        for tensor in subgraph.tensors:
-            if tensor.buffer == buffer_index:
-                return tensor
-    raise KeyError(buffer_index)
-
-
 def write_flatbuffer(model, payloads, path, schema):
     """Flatbuffer first, then every payload at a 64-byte-aligned offset (LiteRT's large-model layout)."""
     import flatbuffers

@@ -56,8 +56,10 @@ def decoder_forward(token_embedding, blocks, final_norm, config, token_ids, posi
             key = (window, layout.slots[layer], "cache")
         else:
             key = (window, layout.slots[layer], "cache_and_chunk")
+        span = layout.read_span(layer, cache_index, length) if key[2] == "cache" else None
+        key += (span is not None,)
         if key not in masks:
-            _, slots, reads = key
+            _, slots, reads, _ = key
             if reads == "chunk":
                 valid = padding_mask if padding_mask is not None else positions >= 0
                 keys = positions
@@ -67,23 +69,28 @@ def decoder_forward(token_embedding, blocks, final_norm, config, token_ids, posi
                 offset = cache_index - positions[:, :1]
                 # A full-length cache holds index s in slot s (unwritten ones are later than
                 # every query, so causality masks them); a ring holds what held_indices says.
-                held = np.arange(slots, dtype="int32") if layout.never_wraps else kv_cache.held_indices(end, slots)
+                if span is not None:  # a full-length cache's window behind the chunk
+                    held = span[0] + ops.arange(span[1], dtype="int32")
+                elif layout.never_wraps:
+                    held = np.arange(slots, dtype="int32")
+                else:
+                    held = kv_cache.held_indices(end, slots)
                 keys = ops.convert_to_tensor(held)[None, :] - offset
                 if reads == "cache_and_chunk":
                     keys = ops.concatenate([keys, positions], axis=1)
                 valid = keys >= 0
             masks[key] = kv_cache.attention_bias(kv_cache.attention_mask(positions, keys, valid, window))
-        return masks[key], key[2]
+        return masks[key], key[2], span
 
     x = token_embedding(token_ids)
     updated = []
     for layer, (block, cache) in enumerate(zip(blocks, caches)):
-        mask, reads = mask_and_reads(layer)
+        mask, reads, span = mask_and_reads(layer)
         if cache is None:
             x = block(x, positions, mask)
         else:
             x, cache = block(x, positions, mask, cache=cache, cache_index=cache_index, reads=reads,
-                             ring=not layout.never_wraps)
+                             ring=not layout.never_wraps, span_start=None if span is None else span[0])
         updated.append(cache)
     return final_norm(x), (None if caches[0] is None else updated)
 

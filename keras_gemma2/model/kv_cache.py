@@ -13,7 +13,8 @@ mask, export) derives from it.
 `CacheLayout` says how many slots each layer keeps and which window it
 attends over: rings of the window for generation (all a sliding layer ever
 reads), rings of window + k for a speculative step that may roll back k
-tokens, or full length on every layer (what LiteRT-LM expects).
+tokens, or full length on every layer (what LiteRT-LM expects; there a sliding
+layer still reads only the slots of its window, `CacheLayout.read_span`).
 
 Rows may be left-padded: a row's positions are its indices minus its padding,
 and a key is real when its position is >= 0. `attention_mask` is the one mask
@@ -168,6 +169,23 @@ class CacheLayout:
     def bytes(self, config, batch_size, dtype):
         per_slot = 2 * config.num_key_value_heads * config.head_dim * _ITEMSIZE[str(dtype)]
         return sum(self.slots) * per_slot * batch_size
+
+    def read_span(self, layer, start, chunk_length):
+        """The slots a chunk written at `start` reads on layer `layer`: (begin, size), or None (all).
+
+        A full-length cache's sliding layer needs only the window behind the
+        chunk: window + chunk_length - 1 slots ending at its last row, begin
+        clipped into the cache. Attention then reads those instead of every
+        slot: a cache longer than the window costs sliding layers nothing more.
+        Rings already hold just the window (None).
+        """
+        window, slots = self.windows[layer], self.slots[layer]
+        if not self.never_wraps or window is None or window + chunk_length - 1 >= slots:
+            return None
+        size = window + chunk_length - 1
+        if isinstance(start, (int, np.integer)):
+            return min(max(int(start) - window + 1, 0), slots - size), size
+        return ops.clip(start - window + 1, 0, slots - size), size
 
     def writes_before_reading(self, layer, chunk_length):
         """Whether a chunk can be written first and the layer then read from the cache alone.

@@ -397,7 +397,9 @@ class Gemma2Attention(keras.layers.Layer):
 
     * "chunk": the chunk's own keys (no cache, or a prefill into an empty one);
     * "cache": the chunk is written into the cache first, then the queries
-      read the whole cache in place (the decode step);
+      read the whole cache in place (the decode step), or, from slot
+      `span_start`, only as many slots as the bias has keys
+      (kv_cache.CacheLayout.read_span);
     * "cache_and_chunk": the queries read the cache as it was plus the chunk,
       then the chunk is written (a chunk that would evict keys it still needs).
 
@@ -439,7 +441,8 @@ class Gemma2Attention(keras.layers.Layer):
         self.value = Projection.built("value", kv * d, hidden_dim, policy)
         self.attention_output = Projection.built("attention_output", hidden_dim, q * d, policy)
 
-    def call(self, x, positions, attention_bias, cache=None, cache_index=None, reads="chunk", ring=True):
+    def call(self, x, positions, attention_bias, cache=None, cache_index=None, reads="chunk", ring=True,
+             span_start=None):
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
         head_dim, wavelength = self.config.head_dim, self.config.rope_max_wavelength
 
@@ -466,7 +469,12 @@ class Gemma2Attention(keras.layers.Layer):
 
         if reads == "cache":
             key_cache, value_cache = written()
-            output = self._attend(query, key_cache, value_cache, attention_bias)
+            read = (key_cache, value_cache)
+            if span_start is not None:
+                size = (attention_bias.shape[-1],)
+                read = [ops.slice(c, [0, 0, span_start, 0], c.shape[:kv_cache.SLOT_AXIS] + size + c.shape[3:])
+                        for c in read]
+            output = self._attend(query, *read, attention_bias)
         elif reads == "cache_and_chunk":
             both = [
                 ops.concatenate([c, ops.cast(fresh, c.dtype)], axis=kv_cache.SLOT_AXIS)
@@ -489,11 +497,12 @@ class Gemma2Attention(keras.layers.Layer):
         query = ops.reshape(query, (batch, length, kv_heads, config.num_query_heads // kv_heads, head_dim))
         query = ops.transpose(query, (0, 2, 3, 1, 4))
         logits_dtype = wide_dtype(self.compute_dtype)
-        query = ops.cast(query, logits_dtype) * ops.cast(
-            config.query_pre_attn_scalar**-0.5, logits_dtype
-        )
+        # cap * tanh(q.k * scale / cap): scale / cap rides on the (small) query, so the
+        # [.., T, keys] logits see one multiply fewer (an export's largest elementwise ops).
+        cap = config.attention_logit_soft_cap
+        query = ops.cast(query, logits_dtype) * ops.cast(config.query_pre_attn_scalar**-0.5 / cap, logits_dtype)
         logits = ops.einsum("bkgth,bksh->bkgts", query, ops.cast(key, logits_dtype))
-        logits = soft_cap(logits, config.attention_logit_soft_cap)
+        logits = ops.tanh(ops.cast(logits, "float32")) * cap
         logits = logits + ops.cast(attention_bias, logits.dtype)[:, None, None, :, :]
         probabilities = ops.cast(ops.softmax(logits, axis=-1), value.dtype)
         output = ops.einsum("bkgts,bksh->btkgh", probabilities, value)
@@ -586,11 +595,13 @@ class Gemma2DecoderBlock(keras.layers.Layer):
         self.attention.build(hidden_shape)
         self.feedforward.build(hidden_shape)
 
-    def call(self, x, positions, attention_bias, cache=None, cache_index=None, reads="chunk", ring=True):
+    def call(self, x, positions, attention_bias, cache=None, cache_index=None, reads="chunk", ring=True,
+             span_start=None):
         x = ops.cast(x, wide_dtype(self.compute_dtype))
         h = self.pre_attention_norm(x)
         h, cache = self.attention(
-            h, positions, attention_bias, cache=cache, cache_index=cache_index, reads=reads, ring=ring
+            h, positions, attention_bias, cache=cache, cache_index=cache_index, reads=reads, ring=ring,
+            span_start=span_start,
         )
         x = x + self.post_attention_norm(h)
         h = self.feedforward(self.pre_feedforward_norm(x))

@@ -74,6 +74,13 @@ def test_the_bundle_holds_the_engine_contract(bundle, tmp_path):
     ops = {op["op_name"] for op in interpreter._get_ops_details()}
     assert not {op for op in ops if op.startswith("Flex") or op == "CUSTOM"}
     assert f'key = "{METADATA_KEY}"' in text
+    # Decode's attention: global layers read the whole cache, sliding layers only their window
+    # of it (CacheLayout.read_span), whatever the cache length.
+    subgraph = interpreter._interpreter.GetSubgraphIndexFromSignature("decode")
+    assert subgraph == 0, "decode is no longer the first subgraph: read its ops another way"
+    read = {int(interpreter._get_tensor_details(op["inputs"][1], subgraph)["shape"][2])
+            for op in interpreter._get_ops_details() if op["op_name"] == "BATCH_MATMUL"}
+    assert read == {CACHE, model.config.sliding_window_size}
 
 
 def test_unused_rows_past_the_end_of_the_cache_leave_every_position_intact(bundle, tmp_path):

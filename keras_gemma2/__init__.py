@@ -14,6 +14,7 @@ from keras_gemma2.tokenizer import Gemma2Tokenizer
 from keras_gemma2.checkpoints.registry import list_presets
 from keras_gemma2.generation.samplers import BeamSearch, Sampler
 from keras_gemma2.edge.export import export
+from keras_gemma2 import models, samplers  # keras-hub's names: `import keras_gemma2 as keras_hub`
 
 
 def from_preset(preset, dtype=None, load_weights=True, **config_overrides):
@@ -39,4 +40,6 @@ __all__ = [
     "Sampler",
     "from_preset",
     "list_presets",
+    "models",
+    "samplers",
 ]

@@ -11,11 +11,13 @@ from keras_gemma2.checkpoints import presets
 from keras_gemma2.generation import results
 from keras_gemma2.generation.generator import Generator
 from keras_gemma2.generation.request import build_request, check_output_options, default_stop_ids
-from keras_gemma2.generation.samplers import Sampler, get_sampler
+from keras_gemma2.generation.samplers import Sampler, compiled_sampler, get_sampler
 from keras_gemma2.model import kv_cache, lora, quantization
 from keras_gemma2.model.backbone import Gemma2Backbone, standardize_inputs
 from keras_gemma2.tokenizer import Gemma2Tokenizer, check_text
+from keras_gemma2.training import batch_checks, preprocessor, text_dataset
 from keras_gemma2.training.batch_checks import CheckedTraining
+from keras_gemma2.training.preprocessor import Gemma2CausalLMPreprocessor
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma2")
@@ -60,7 +62,16 @@ class Gemma2CausalLM(CheckedTraining, keras.Model):
         return super().__call__(standardize_inputs(inputs, self.config), *args, **kwargs)
 
     # ---- training defaults ---------------------------------------------
-    def compile(self, optimizer="auto", loss="auto", weighted_metrics="auto", **kwargs):
+    def compile(self, optimizer="auto", loss="auto", weighted_metrics="auto", sampler=None, **kwargs):
+        """Keras' compile with this model's training defaults ("auto").
+
+        `sampler`: generate's default from now on, as in keras-hub: a name ("greedy",
+        "top_k", "top_p", "min_p", "temperature", "beam"; keras-hub's "random"), a
+        keras_gemma2.Sampler, or a keras-hub sampler object (its seed becomes
+        generate's default seed). generate(sampler=...) still overrides it per call.
+        """
+        if sampler is not None:
+            self._compiled_sampler = compiled_sampler(sampler)  # checked before anything compiles
         if optimizer == "auto":
             optimizer = keras.optimizers.AdamW(learning_rate=5e-5, weight_decay=0.01)
         if loss == "auto":
@@ -92,6 +103,42 @@ class Gemma2CausalLM(CheckedTraining, keras.Model):
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         y, y_pred, sample_weight = self._next_token_targets(x, y, y_pred, sample_weight)
         return super().compute_metrics(x, y, y_pred, sample_weight)
+
+    # ---- text in fit / evaluate / predict ---------------------------------
+    @property
+    def preprocessor(self):
+        """Text -> training batches (keras-hub's `model.preprocessor`; set its sequence_length)."""
+        if getattr(self, "_preprocessor", None) is None:
+            if self.tokenizer is None:
+                raise ValueError("This model has no tokenizer, so no preprocessor: load a preset that has one.")
+            context = self.config.max_sequence_length
+            self._preprocessor = Gemma2CausalLMPreprocessor(
+                self.tokenizer, sequence_length=min(preprocessor.DEFAULT_SEQUENCE_LENGTH, context),
+                max_sequence_length=context,
+            )
+        return self._preprocessor
+
+    @preprocessor.setter
+    def preprocessor(self, value):
+        if not isinstance(value, Gemma2CausalLMPreprocessor):
+            raise TypeError(f"preprocessor must be a Gemma2CausalLMPreprocessor, got {type(value).__name__}.")
+        self._preprocessor = value
+
+    def _from_text(self, x, y, kwargs):
+        """Text (strings, chat pairs, conversations, or a tf.data.Dataset of them) -> the model's batches."""
+        if batch_checks.is_tf_dataset(x):
+            mapped = text_dataset.mapped(x, lambda: self.preprocessor)
+            return (x, y, kwargs) if mapped is None else (mapped, y, kwargs)
+        kind, _ = preprocessor.text_kind(x)
+        if kind is None:
+            return x, y, kwargs
+        if y is not None or kwargs.get("sample_weight") is not None:
+            raise ValueError(
+                "Text inputs carry their own labels (the next tokens) and weights; pass only x, "
+                "or tokenize yourself and pass {'token_ids', 'padding_mask'} with labels."
+            )
+        inputs, labels, weights = self.preprocessor(x)
+        return inputs, labels, {**kwargs, "sample_weight": weights}
 
     # ---- scoring --------------------------------------------------------
     def score(self, token_ids, padding_mask=None):
@@ -160,9 +207,15 @@ class Gemma2CausalLM(CheckedTraining, keras.Model):
     # ---- generation -------------------------------------------------------
     @property
     def generator(self):
-        """The compiled generation functions (created on first use)."""
-        if getattr(self, "_generator", None) is None:
+        """The compiled generation functions (created on first use).
+
+        Rebuilt when LoRA adapters were added since (they capture the variables),
+        also when that went through `model.backbone.enable_lora`.
+        """
+        built_for = getattr(self, "_generator_lora", None)
+        if getattr(self, "_generator", None) is None or built_for != self.backbone.lora_targets:
             self._generator = Generator(self)
+            self._generator_lora = self.backbone.lora_targets
         return self._generator
 
     def generate(
@@ -170,7 +223,7 @@ class Gemma2CausalLM(CheckedTraining, keras.Model):
         inputs,
         max_length=None,
         max_new_tokens=None,
-        sampler="greedy",
+        sampler=None,
         stop_token_ids="auto",
         stop_strings=None,
         seed=None,
@@ -191,13 +244,17 @@ class Gemma2CausalLM(CheckedTraining, keras.Model):
         `stream=True` returns an iterator of text pieces as tokens arrive (one
         prompt); `stream=callable` calls it with each piece and returns the
         result. `max_length` counts the longest prompt plus new tokens.
-        `sliding_window_size` overrides the window at inference time.
+        `sliding_window_size` overrides the window at inference time. `sampler`
+        defaults to the one given to `compile(sampler=...)`, else "greedy".
         """
         # Everything is checked before anything compiles.
         request = build_request(
             self.config, self.tokenizer, inputs, max_length, max_new_tokens, stop_token_ids,
             stop_strings, stream, sliding_window_size,
         )
+        if sampler is None:
+            sampler, compiled_seed = getattr(self, "_compiled_sampler", ("greedy", None))
+            seed = compiled_seed if seed is None else seed
         sampler = get_sampler(sampler, temperature, top_k, top_p, min_p)
         check_output_options(seed, return_logprobs, stream, beam=not isinstance(sampler, Sampler))
         return results.generate(self, request, sampler, seed, return_logprobs, stream)

@@ -152,6 +152,15 @@ class Gemma2Tokenizer:
 
     __call__ = tokenize
 
+    def pieces_with_offsets(self, text):
+        """[(id, start)] of `text` without BOS/EOS: each token and the UTF-8 byte where its piece starts.
+
+        Tokenized whole, as `tokenize` does, so spans of the text (a chat's model
+        turns) can be mapped to the tokens that generate would see.
+        """
+        check_text(text)
+        return [(piece.id, piece.begin) for piece in self._sp.encode(text, return_type="proto").pieces]
+
     def _tokenize_one(self, text, add_bos, add_eos):
         ids = list(self._sp.encode(text, out_type=int))
         if add_bos:
@@ -272,15 +281,11 @@ class Gemma2Tokenizer:
             "roles": dict(_ROLE_ALIASES),
         }
 
-    def apply_chat_template(self, messages, add_generation_prompt=True):
-        """Render a conversation in Gemma's turn format (without "<bos>").
+    def chat_turns(self, messages):
+        """The conversation as Gemma's turns: [(role, content)], role "user" or "model".
 
-        Each turn is `<start_of_turn>{role}\\n{content}<end_of_turn>\\n`
-        with roles "user" and "model" ("assistant" is an alias). Gemma has
-        no system role, so a leading system message is merged into the
-        first user turn: system text, a blank line, then the user text.
-        Content is whitespace-trimmed, as in the official Gemma template.
-        `tokenize` adds BOS, so the string leaves it out.
+        Checked as `apply_chat_template` documents: the system message merged into
+        the first user turn, aliases resolved, content whitespace-trimmed.
         """
         if not isinstance(messages, (list, tuple)):
             raise TypeError(
@@ -336,9 +341,23 @@ class Gemma2Tokenizer:
             content = content.strip()
             if index == 0 and system is not None and system.strip():
                 content = system.strip() + "\n\n" + content
-            out.append(
-                f"{_START_OF_TURN}{_ROLE_ALIASES[role]}\n{content}{_END_OF_TURN}\n"
-            )
+            out.append((_ROLE_ALIASES[role], content))
+        return out
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        """Render a conversation in Gemma's turn format (without "<bos>").
+
+        Each turn is `<start_of_turn>{role}\\n{content}<end_of_turn>\\n`
+        with roles "user" and "model" ("assistant" is an alias). Gemma has
+        no system role, so a leading system message is merged into the
+        first user turn: system text, a blank line, then the user text.
+        Content is whitespace-trimmed, as in the official Gemma template.
+        `tokenize` adds BOS, so the string leaves it out.
+        """
+        out = [
+            f"{_START_OF_TURN}{role}\n{content}{_END_OF_TURN}\n"
+            for role, content in self.chat_turns(messages)
+        ]
         if add_generation_prompt:
             out.append(f"{_START_OF_TURN}model\n")
         return "".join(out)

@@ -384,7 +384,7 @@ def test_a_str_target_layer_is_one_target(models):
     model.enable_lora(2, target_layers="query")
     adapted = lora_layers(model)
     assert [layer.name for layer in adapted] == ["query"] * TINY.num_layers
-    assert model._lora_targets == ("query",)
+    assert model.backbone.lora_targets == ("query",)
 
 
 def test_rank_up_to_the_width_is_accepted(models):

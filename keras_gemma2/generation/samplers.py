@@ -147,6 +147,64 @@ def get_sampler(sampler, temperature=None, top_k=None, top_p=None, min_p=None):
     return Sampler(**settings)
 
 
+# keras-hub's sampler names (`compile(sampler="top_k")`) that differ from this library's.
+KERAS_HUB_NAMES = {"random": "temperature"}
+
+
+def from_keras_hub(sampler):
+    """(sampler, seed) for one of keras-hub's sampler objects, or None for anything else.
+
+    Recognized by class and module name, so keras-hub is never imported: a user who
+    has it (a tutorial's `keras_hub.samplers.TopKSampler(k=5, seed=2)`) gets this
+    library's equivalent, and its seed becomes generate's default seed.
+    """
+    if not type(sampler).__module__.startswith("keras_hub"):
+        return None
+    name = type(sampler).__name__
+    temperature = float(getattr(sampler, "temperature", 1.0))
+    seed = getattr(sampler, "seed", None)
+    if name == "GreedySampler":
+        return Sampler(greedy=True), None
+    if name == "TopKSampler":
+        return Sampler(temperature=temperature, top_k=int(sampler.k)), seed
+    if name == "TopPSampler":
+        k = getattr(sampler, "k", None)
+        return Sampler(temperature=temperature, top_p=float(sampler.p), top_k=None if k is None else int(k)), seed
+    if name == "RandomSampler":
+        return Sampler(temperature=temperature), seed
+    if name == "BeamSampler":
+        return BeamSearch(num_beams=int(sampler.num_beams)), None
+    raise ValueError(
+        f"keras-hub's {name} has no equivalent here; use one of GreedySampler, TopKSampler, "
+        f"TopPSampler, RandomSampler, BeamSampler, or a name from {SAMPLER_NAMES}."
+    )
+
+
+class SeededSampler:
+    """A Sampler (or BeamSearch) with the seed generate uses by default (keras_gemma2.samplers)."""
+
+    def __init__(self, sampler, seed):
+        if seed is not None and not is_integer(seed):
+            raise ValueError(f"seed must be an integer or None, got {seed!r}.")
+        self.sampler, self.seed = sampler, seed
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.sampler!r}, seed={self.seed!r})"
+
+
+def compiled_sampler(sampler):
+    """(sampler, seed) for `Gemma2CausalLM.compile(sampler=...)`: a name (this library's or
+    keras-hub's), a Sampler / BeamSearch, keras_gemma2.samplers' or keras-hub's sampler objects."""
+    if isinstance(sampler, SeededSampler):
+        return sampler.sampler, sampler.seed
+    mapped = from_keras_hub(sampler)
+    if mapped is not None:
+        return mapped
+    if isinstance(sampler, str):
+        sampler = KERAS_HUB_NAMES.get(sampler, sampler)
+    return get_sampler(sampler), None
+
+
 @dataclasses.dataclass(frozen=True)
 class BeamSearch:
     """Keep the `num_beams` most likely continuations (sum of log-probs)."""

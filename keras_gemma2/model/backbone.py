@@ -237,6 +237,33 @@ class Gemma2Backbone(keras.Model):
     def __call__(self, inputs, *args, **kwargs):
         return super().__call__(standardize_inputs(inputs, self.config), *args, **kwargs)
 
+    # The projections carrying LoRA adapters (lora.enable_lora), None without any.
+    lora_targets = None
+
+    def enable_lora(self, rank, target_layers=("query", "value"), alpha=None):
+        """Freeze the weights; add trainable rank-`rank` adapters (keras-hub's `backbone.enable_lora`).
+
+        The same as `Gemma2CausalLM.enable_lora`: the adapters live here either way.
+        """
+        from keras_gemma2.model import lora
+
+        lora.enable_lora(self, rank, target_layers, alpha)
+
+    @staticmethod
+    def get_layout_map(device_mesh, model_parallel_dim_name="model", data_parallel_dim_name="batch"):
+        """A keras.distribution.LayoutMap sharding every weight over `model_parallel_dim_name`.
+
+        keras-hub's name for this library's sharding rules (training/distribution.py):
+        projections are split over their flattened output or input width, not over
+        heads, so a model with fewer key/value heads than devices still shards.
+        `data_parallel_dim_name` is accepted for keras-hub's signature; batches are
+        split by keras.distribution.ModelParallel(batch_dim_name=...).
+        """
+        from keras_gemma2.training import distribution
+
+        del data_parallel_dim_name
+        return distribution.layout_map(device_mesh, model_axis=model_parallel_dim_name)
+
     def forward_pass(self, token_ids, positions, caches=None, cache_index=0, layout=None):
         """The cached forward: a chunk of tokens attends to the caches plus itself.
 

@@ -17,6 +17,11 @@ PROJECTIONS = ("query", "key", "value", "attention_output", "gate", "up", "down"
 DEFAULT_TARGETS = ("query", "value")
 
 
+def _backbone(model):
+    """A causal LM's backbone, or the backbone itself (keras-hub's `model.backbone.enable_lora`)."""
+    return getattr(model, "backbone", model)
+
+
 def _projection_layers(backbone, targets):
     chosen = []
     for block in backbone.decoder_blocks:
@@ -38,7 +43,10 @@ def _projection_widths(config):
 
 
 def enable_lora(model, rank, target_layers=DEFAULT_TARGETS, alpha=None):
-    """Freeze the model and add rank-`rank` adapters to the named projections of every block."""
+    """Freeze the model and add rank-`rank` adapters to the named projections of every block.
+
+    `model`: a Gemma2CausalLM or its Gemma2Backbone (the adapters live in the backbone).
+    """
     if isinstance(target_layers, str):
         target_layers = (target_layers,)  # one target, not its letters
     if not isinstance(target_layers, (list, tuple, set, frozenset)) or not target_layers or not all(
@@ -67,24 +75,25 @@ def enable_lora(model, rank, target_layers=DEFAULT_TARGETS, alpha=None):
         raise ValueError(f"LoRA alpha must be a positive number or None (= rank), got {alpha!r}.")
     if lora_layers(model):
         raise ValueError("LoRA is already enabled on this model; merge_lora() first to add new adapters.")
-    quantized = quantization.modes_of(_projection_layers(model.backbone, target_layers))
+    quantized = quantization.modes_of(_projection_layers(_backbone(model), target_layers))
     if quantized:
         raise ValueError(
             f"This model is quantized ({', '.join(quantized)}); LoRA adapters train on float kernels. "
             "Enable LoRA on the float model, train, merge_lora(), then quantize the merged model."
         )
-    backbone = model.backbone
+    backbone = _backbone(model)
     for layer in backbone._flatten_layers(include_self=False):
         layer.trainable = False
     for layer in _projection_layers(backbone, target_layers):
         layer.trainable = True
         layer.enable_lora(rank, lora_alpha=alpha)
-    model._lora_targets = tuple(target_layers)
-    model._generator = None  # compiled generation functions captured the old variables
+    # The causal LM's compiled generation functions captured the old variables; it rebuilds
+    # them when these targets differ from the ones they were built with.
+    backbone.lora_targets = tuple(target_layers)
 
 
 def lora_layers(model):
-    return layers.adapted_layers(model.backbone)
+    return layers.adapted_layers(_backbone(model))
 
 
 def save_lora_weights(model, path):
@@ -98,7 +107,7 @@ def save_lora_weights(model, path):
     metadata = {
         "rank": adapted[0].lora_rank,
         "alpha": adapted[0].lora_alpha,
-        "targets": json.dumps(list(model._lora_targets)),
+        "targets": json.dumps(list(_backbone(model).lora_targets)),
     }
     safetensors_files.write_file(path, tensors, metadata=metadata)
 
@@ -159,7 +168,7 @@ def _adapter_shapes(model, rank, targets):
     Keras' EinsumDense.enable_lora: A is kernel.shape[:-1] + (rank,), B is (rank, kernel.shape[-1]).
     """
     shapes = {}
-    for layer in _projection_layers(model.backbone, targets):
+    for layer in _projection_layers(_backbone(model), targets):
         kernel = tuple(layer.kernel.shape)
         shapes[f"{layer.path}/lora_kernel_a"] = kernel[:-1] + (rank,)
         shapes[f"{layer.path}/lora_kernel_b"] = (rank, kernel[-1])

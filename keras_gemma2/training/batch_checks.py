@@ -67,7 +67,7 @@ def _checked_data(x, y, vocabulary_size):
     if x is None or isinstance(x, (dict, np.ndarray, list, tuple)) or hasattr(x, "shape"):
         check_batch(x, y, vocabulary_size)
         return x
-    if _is_tf_dataset(x):
+    if is_tf_dataset(x):
         return _checked_tf_dataset(x, vocabulary_size)
     if isinstance(x, keras.utils.PyDataset):
         return _CheckedPyDataset(x, vocabulary_size)
@@ -114,7 +114,7 @@ class _CheckedPyDataset(keras.utils.PyDataset):
         self._dataset.on_epoch_end()
 
 
-def _is_tf_dataset(x):
+def is_tf_dataset(x):
     module = type(x).__module__
     return module.startswith("tensorflow") and hasattr(x, "element_spec")
 
@@ -176,7 +176,17 @@ class CheckedTraining:
     def _vocabulary_size(self):
         return self.config.vocabulary_size
 
+    def _from_text(self, x, y, kwargs):
+        """Hook: text inputs turned into (x, y, kwargs) the model trains on; as given here."""
+        return x, y, kwargs
+
     def fit(self, x=None, y=None, *args, **kwargs):
+        x, y, kwargs = self._from_text(x, y, kwargs)
+        validation = kwargs.get("validation_data")
+        if validation is not None and not isinstance(validation, tuple):
+            inputs, labels, extra = self._from_text(validation, None, {})
+            # In-memory text comes back as arrays with labels and weights; a dataset as a dataset.
+            kwargs["validation_data"] = (inputs, labels, extra["sample_weight"]) if "sample_weight" in extra else inputs
         x = _checked_data(x, y, self._vocabulary_size())
         validation = kwargs.get("validation_data")
         if isinstance(validation, tuple):
@@ -188,11 +198,13 @@ class CheckedTraining:
             return super().fit(x, y, *args, **kwargs)
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
+        x, y, kwargs = self._from_text(x, y, kwargs)
         x = _checked_data(x, y, self._vocabulary_size())
         with weights_kept_on_failure(self):
             return super().evaluate(x, y, *args, **kwargs)
 
     def predict(self, x, *args, **kwargs):
+        x, _, _ = self._from_text(x, None, {})
         x = _checked_data(x, None, self._vocabulary_size())
         with weights_kept_on_failure(self):
             return super().predict(x, *args, **kwargs)

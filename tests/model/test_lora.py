@@ -121,3 +121,23 @@ def test_enable_lora_refuses_a_quantized_model(mode):
     assert not any(getattr(layer, "lora_enabled", False) for layer in model.backbone._flatten_layers())
     assert model.trainable_weights  # nothing was frozen (enable_lora freezes all but adapters)
     np.testing.assert_allclose(logits(model, x), before)
+
+
+def test_backbone_enable_lora_is_keras_hubs_spelling_and_generate_follows_it():
+    """`gemma_lm.backbone.enable_lora(rank=4)` (the tutorials) adapts the same layers, and a
+    generator compiled before it is rebuilt (it captured the variables without adapters)."""
+    model, x = model_and_data()
+    prompt = x["token_ids"][:1, :4]
+    before = model.generate(prompt, max_new_tokens=5, stop_token_ids=None)  # compiles the generator
+    model.backbone.enable_lora(rank=4)
+    assert model.backbone.lora_targets == ("query", "value")
+    assert all("lora_kernel" in v.path for v in model.trainable_weights)
+    assert len(model.trainable_weights) == 2 * 2 * TINY.num_layers
+    rng = np.random.default_rng(1)
+    for variable in model.trainable_weights:  # adapters that change the outputs
+        variable.assign(rng.normal(0, 0.5, variable.shape).astype("float32"))
+    merged = model.merge_lora()
+    after = model.generate(prompt, max_new_tokens=5, stop_token_ids=None)
+    expected = merged.generate(prompt, max_new_tokens=5, stop_token_ids=None)
+    np.testing.assert_array_equal(after[0], expected[0])
+    assert not np.array_equal(after[0], before[0])

@@ -15,9 +15,9 @@ from keras_gemma2.generation.samplers import Sampler, compiled_sampler, get_samp
 from keras_gemma2.model import kv_cache, lora, quantization
 from keras_gemma2.model.backbone import Gemma2Backbone, standardize_inputs
 from keras_gemma2.tokenizer import Gemma2Tokenizer, check_text
-from keras_gemma2.training import batch_checks, preprocessor, text_dataset
+from keras_gemma2.training import batch_checks, text_dataset
 from keras_gemma2.training.batch_checks import CheckedTraining
-from keras_gemma2.training.preprocessor import Gemma2CausalLMPreprocessor
+from keras_gemma2.training.preprocessor import DEFAULT_SEQUENCE_LENGTH, Gemma2CausalLMPreprocessor, text_kind
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma2")
@@ -113,7 +113,7 @@ class Gemma2CausalLM(CheckedTraining, keras.Model):
                 raise ValueError("This model has no tokenizer, so no preprocessor: load a preset that has one.")
             context = self.config.max_sequence_length
             self._preprocessor = Gemma2CausalLMPreprocessor(
-                self.tokenizer, sequence_length=min(preprocessor.DEFAULT_SEQUENCE_LENGTH, context),
+                self.tokenizer, sequence_length=min(DEFAULT_SEQUENCE_LENGTH, context),
                 max_sequence_length=context,
             )
         return self._preprocessor
@@ -129,7 +129,7 @@ class Gemma2CausalLM(CheckedTraining, keras.Model):
         if batch_checks.is_tf_dataset(x):
             mapped = text_dataset.mapped(x, lambda: self.preprocessor)
             return (x, y, kwargs) if mapped is None else (mapped, y, kwargs)
-        kind, _ = preprocessor.text_kind(x)
+        kind, _ = text_kind(x)
         if kind is None:
             return x, y, kwargs
         if y is not None or kwargs.get("sample_weight") is not None:

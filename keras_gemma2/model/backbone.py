@@ -18,7 +18,8 @@ from keras_gemma2.config import Gemma2Config
 from keras_gemma2.model import kv_cache
 from keras_gemma2.model.layers import Gemma2DecoderBlock, RMSNorm, TiedEmbedding
 from keras_gemma2.checkpoints import presets
-from keras_gemma2.model import quantization
+from keras_gemma2.training import distribution
+from keras_gemma2.model import lora, quantization
 from keras_gemma2.model.layers import adapted_layers, own_policy, weights_from_checkpoint
 
 
@@ -245,8 +246,6 @@ class Gemma2Backbone(keras.Model):
 
         The same as `Gemma2CausalLM.enable_lora`: the adapters live here either way.
         """
-        from keras_gemma2.model import lora
-
         lora.enable_lora(self, rank, target_layers, alpha)
 
     @staticmethod
@@ -259,8 +258,6 @@ class Gemma2Backbone(keras.Model):
         `data_parallel_dim_name` is accepted for keras-hub's signature; batches are
         split by keras.distribution.ModelParallel(batch_dim_name=...).
         """
-        from keras_gemma2.training import distribution
-
         del data_parallel_dim_name
         return distribution.layout_map(device_mesh, model_axis=model_parallel_dim_name)
 

@@ -180,9 +180,11 @@ class CacheLayout:
         Rings already hold just the window (None).
         """
         window, slots = self.windows[layer], self.slots[layer]
-        if not self.never_wraps or window is None or window + chunk_length - 1 >= slots:
+        if not self.never_wraps or window is None:
             return None
         size = window + chunk_length - 1
+        if size >= slots:
+            return None
         if isinstance(start, (int, np.integer)):
             return min(max(int(start) - window + 1, 0), slots - size), size
         return ops.clip(start - window + 1, 0, slots - size), size

@@ -65,6 +65,8 @@ class Gemma2CausalLMPreprocessor:
                 f"Expected text: a string, a list or numpy array of strings, (prompt, response) "
                 f"pairs, lists of chat messages or {{'prompts', 'responses'}}; got {describe(x)}."
             )
+        if not items:
+            raise ValueError("No text given: pass at least one string, pair or conversation.")
         for index, item in enumerate(items):
             _check_item(kind, item, index)
         make = {"text": self._text, "pair": self._pair, "chat": self._chat, "raw_pair": self._raw_pair}[kind]
@@ -89,21 +91,23 @@ class Gemma2CausalLMPreprocessor:
                 begin = len((text + opening).encode("utf-8"))
                 targets.append((begin, len((text + turn).encode("utf-8"))))
             text += turn
-        ids, weights = self._weighted(text, targets)
-        if self.add_start_token:
-            ids, weights = [self.tokenizer.bos_token_id] + ids, [0.0] + weights
+        ids, weights = self._with_start_token(*self._weighted(text, targets))
         return np.asarray(ids, "int32"), np.asarray(weights, "float32")
 
     def _raw_pair(self, pair):
         prompt, response = pair
         text = prompt + response
         begin = len(prompt.encode("utf-8"))
-        ids, weights = self._weighted(text, [(begin, len(text.encode("utf-8")))])
-        if self.add_start_token:
-            ids, weights = [self.tokenizer.bos_token_id] + ids, [0.0] + weights
+        ids, weights = self._with_start_token(*self._weighted(text, [(begin, len(text.encode("utf-8")))]))
         if self.add_end_token:
             ids, weights = ids + [self.tokenizer.eos_token_id], weights + [1.0]
         return np.asarray(ids, "int32"), np.asarray(weights, "float32")
+
+    def _with_start_token(self, ids, weights):
+        """BOS (never a target) before `ids` when add_start_token."""
+        if not self.add_start_token:
+            return ids, weights
+        return [self.tokenizer.bos_token_id] + ids, [0.0] + weights
 
     def _weighted(self, text, targets):
         """Token ids of `text` (tokenized whole, as generate sees it) and 1 for those inside `targets`."""
@@ -174,7 +178,7 @@ def text_kind(x):
         if x.dtype.kind in "USO" and x.size and all(_is_str(v) for v in x.reshape(-1)):
             return "text", [_as_str(v) for v in x.reshape(-1)]
         if x.dtype.kind in "US":
-            return "text", []  # an empty array of strings: refused below
+            return "text", []  # an empty array of strings: refused by `examples`
         return None, None
     if not isinstance(x, (list, tuple)) or not x:
         return None, None

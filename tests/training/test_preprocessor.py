@@ -95,6 +95,7 @@ def test_packing_fills_whole_windows(demo, preprocessor):
     ([("Question?", " ")], "Chat pair 0 has an empty response"),
     ([[{"role": "user", "content": "Hi"}]], "Conversation 0 has no non-empty model turn"),
     ({"prompts": ["a", "b"], "responses": ["c"]}, "2 prompts but 1 responses"),
+    (np.array([], dtype=str), "No text given"),
 ])
 def test_bad_text_is_refused_before_the_first_step(demo, data, message):
     weights = [w.copy() for w in demo.get_weights()]

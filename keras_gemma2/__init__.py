@@ -17,16 +17,18 @@ from keras_gemma2.edge.export import export
 from keras_gemma2 import models, samplers  # keras-hub's names: `import keras_gemma2 as keras_hub`
 
 
-def from_preset(preset, dtype=None, load_weights=True, **config_overrides):
+def from_preset(preset, dtype=None, load_weights=True, quantize=None, **config_overrides):
     """A `Gemma2CausalLM` (with its tokenizer) from a preset.
 
     `preset`: a registered name (see `list_presets()`), a local directory in
     KerasHub or transformers format, or a `kaggle://` / `hf://` handle.
     `dtype`: 'float32', 'bfloat16', 'float16' or a mixed policy.
     `load_weights=False` builds the architecture with random weights (no download).
+    `quantize`: 'int8' or 'int4' quantizes each weight as it is read, so memory
+    stays near the quantized size (the same model as loading, then `quantize`).
     """
     return Gemma2CausalLM.from_preset(
-        preset, dtype=dtype, load_weights=load_weights, **config_overrides
+        preset, dtype=dtype, load_weights=load_weights, quantize=quantize, **config_overrides
     )
 
 __all__ = [

@@ -316,7 +316,7 @@ class Gemma2CausalLM(CheckedTraining, keras.Model):
         """
         mode = quantization.check_request(self, mode, config)  # cheap; also for Gemma2CausalLM.quantize(model, ...)
         select = quantization.layer_filter(filters)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quantization.collecting_new_objects_only():
             # Keras' own quantizers convert variables with np.array (a numpy 2 notice).
             warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
             super().quantize(mode, config=config, filters=select, **kwargs)
@@ -328,9 +328,9 @@ class Gemma2CausalLM(CheckedTraining, keras.Model):
 
     # ---- presets --------------------------------------------------------
     @classmethod
-    def from_preset(cls, preset, dtype=None, load_weights=True, **config_overrides):
-        """Load model and tokenizer from a preset name, directory or handle."""
-        backbone, tokenizer_file = Gemma2Backbone._from_preset(preset, dtype, load_weights, config_overrides)
+    def from_preset(cls, preset, dtype=None, load_weights=True, quantize=None, **config_overrides):
+        """Load model and tokenizer from a preset name, directory or handle (see `keras_gemma2.from_preset`)."""
+        backbone, tokenizer_file = Gemma2Backbone._from_preset(preset, dtype, load_weights, config_overrides, quantize)
         tokenizer = Gemma2Tokenizer(tokenizer_file) if tokenizer_file else None
         return cls(backbone, tokenizer=tokenizer)
 

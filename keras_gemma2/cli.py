@@ -44,7 +44,7 @@ def _info(args):
 def _score(args):
     import numpy as np
 
-    model = keras_gemma2.from_preset(args.preset, dtype=args.dtype)
+    model = keras_gemma2.from_preset(args.preset, dtype=args.dtype, quantize=args.quantize)
     if model.tokenizer is None:
         raise ValueError(f"preset {args.preset!r} has no tokenizer; scoring text needs one.")
     for text in args.texts:
@@ -98,7 +98,7 @@ def _generation_kwargs(args):
 
 
 def _load_for_text(args):
-    model = keras_gemma2.from_preset(args.preset, dtype=args.dtype)
+    model = keras_gemma2.from_preset(args.preset, dtype=args.dtype, quantize=args.quantize)
     if model.tokenizer is None:
         raise ValueError(f"Preset {args.preset!r} has no tokenizer; text generation needs one.")
     return model
@@ -154,6 +154,7 @@ class _ExportProgress:
 def _bundle_options(args):
     """The engine's sampling options from run/chat's flags (the ones it has)."""
     unused = [flag for flag, value in (("--dtype", getattr(args, "dtype", None)),
+                                       ("--quantize", getattr(args, "quantize", None)),
                                        ("--min-p", getattr(args, "min_p", None)),
                                        ("--sliding-window-size", getattr(args, "sliding_window_size", None)))
               if value is not None]
@@ -606,6 +607,7 @@ def _add_training_options(parser):
 
 
 _DTYPE_HELP = "float32, bfloat16, float16 or a mixed policy such as mixed_bfloat16 (default: float32)"
+_QUANTIZE_HELP = "quantize the weights as they load, memory near the quantized size (default: none, float)"
 
 
 def _add_generation_options(parser, preset_required=True):
@@ -613,6 +615,7 @@ def _add_generation_options(parser, preset_required=True):
                         help="name, directory, kaggle:// or hf:// handle"
                              + ("" if preset_required else " (default: none; give it or a .litertlm)"))
     parser.add_argument("--dtype", default=None, help=_DTYPE_HELP)
+    parser.add_argument("--quantize", default=None, choices=["int8", "int4"], help=_QUANTIZE_HELP)
     parser.add_argument("--max-new-tokens", type=int, default=128,
                         help="tokens to generate at most (fewer if a stop token comes)")
     parser.add_argument(
@@ -690,6 +693,7 @@ def build_parser():
     score = commands.add_parser("score", help="log-probability and perplexity of texts")
     score.add_argument("--preset", required=True, help="name, directory, kaggle:// or hf:// handle")
     score.add_argument("--dtype", default=None, help=_DTYPE_HELP)
+    score.add_argument("--quantize", default=None, choices=["int8", "int4"], help=_QUANTIZE_HELP)
     score.add_argument("-v", "--verbose", action="store_true", help="print every token's log-prob")
     score.add_argument("texts", nargs="+")
     score.set_defaults(run=_score)

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+import keras_gemma2
 from keras_gemma2.cli import main
 
 
@@ -29,6 +30,14 @@ def test_generate_streams_the_same_text_as_the_api(tiny_text_preset, capsys):
     assert main(["generate", "--preset", path, "--max-new-tokens", "8", "def add("]) == 0
     expected = model.generate("def add(", max_new_tokens=8)
     assert capsys.readouterr().out == expected + "\n"
+
+
+def test_generate_quantizes_while_loading(tiny_text_preset, capsys):
+    path, _ = tiny_text_preset
+    assert main(["generate", "--preset", path, "--quantize", "int8", "--max-new-tokens", "8", "def add("]) == 0
+    model = keras_gemma2.from_preset(path)
+    model.quantize("int8")
+    assert capsys.readouterr().out == model.generate("def add(", max_new_tokens=8) + "\n"
 
 
 def test_chat_is_multi_turn(tiny_text_preset, capsys, monkeypatch):

@@ -303,8 +303,8 @@ def _count_blocks(datasets):
 
 
 # ---- reading ---------------------------------------------------------------------
-def _read_dataset(dataset):
-    array = dataset[()]
+def _read_dataset(dataset, rows=None):
+    array = dataset[()] if rows is None else dataset[rows[0] : rows[1]]
     if dataset.attrs.get("dtype") == "bfloat16" or (
         array.dtype.kind == "V" and array.dtype.itemsize == 2
     ):
@@ -315,14 +315,18 @@ def _read_dataset(dataset):
 
 
 def _lazy(path, name, shape, transform):
-    def load():
+    def read(rows=None):
         with _open(path) as f:
             try:
-                array = _read_dataset(f[name])
+                return _read_dataset(f[name], rows)
             except (OSError, KeyError, RuntimeError) as error:
                 raise _not_weights(path, error, f" (reading {name!r})") from error
-        return transform(array)
 
+    def load():
+        return transform(read())
+
+    if transform is _identity:  # rows of the stored tensor are rows of ours (the embedding table)
+        load.read_rows = lambda start, stop: read((start, stop))
     load.source_name = name
     load.source_shape = shape
     load.source_file = path

@@ -165,6 +165,7 @@ def _check_same_config(hf_config, recorded, directory):
 
 def _lazy(checkpoint, name):
     loader = lambda: checkpoint.get(name)  # noqa: E731
+    loader.read_rows = lambda start, stop: checkpoint.get(name, rows=(start, stop))
     loader.source_name = name
     loader.source_shape = checkpoint.shape(name)
     return loader

@@ -93,19 +93,30 @@ class SafetensorsFile:
     def shape(self, name):
         return tuple(self._entries[name]["shape"])
 
-    def get(self, name):
+    def get(self, name, rows=None):
+        """The tensor, memory-mapped; `rows=(start, stop)` maps only those rows of its first axis.
+
+        A row slice is its own mapping: dropping it drops its pages from this
+        process (a whole-tensor map keeps every page read resident until it goes).
+        """
         entry = self._entries[name]
         dtype = DTYPES[entry["dtype"]]
         begin, end = entry["data_offsets"]
-        count = int(np.prod(entry["shape"], dtype=np.int64))
+        shape = tuple(entry["shape"])
+        count = int(np.prod(shape, dtype=np.int64))
         if count * dtype.itemsize != end - begin:
             self._corrupt(f"is corrupt: tensor {name!r} has a size that does not match its shape.")
+        if rows is not None:
+            start, stop = max(0, rows[0]), min(rows[1], shape[0])
+            row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+            begin, shape = begin + start * row_bytes, (max(0, stop - start), *shape[1:])
+            count = int(np.prod(shape, dtype=np.int64))
         if count == 0:
-            return np.zeros(entry["shape"], dtype)
+            return np.zeros(shape, dtype)
         array = np.memmap(
             self.path, dtype=dtype, mode="r", offset=self._data_start + begin, shape=(count,)
         )
-        return array.reshape(entry["shape"])
+        return array.reshape(shape)
 
 
 def write_file(path, tensors, metadata=None):
@@ -242,5 +253,5 @@ class SafetensorsCheckpoint:
     def shape(self, name):
         return self._where[name].shape(name)
 
-    def get(self, name):
-        return self._where[name].get(name)
+    def get(self, name, rows=None):
+        return self._where[name].get(name, rows)

@@ -304,13 +304,13 @@ class Gemma2Backbone(keras.Model):
         return cls(**config)
 
     @classmethod
-    def from_preset(cls, preset, dtype=None, load_weights=True, **config_overrides):
+    def from_preset(cls, preset, dtype=None, load_weights=True, quantize=None, **config_overrides):
         """Load a backbone from a preset name, directory or handle (see `keras_gemma2.from_preset`)."""
-        return cls._from_preset(preset, dtype, load_weights, config_overrides)[0]
+        return cls._from_preset(preset, dtype, load_weights, config_overrides, quantize)[0]
 
     # ---- one architecture, these weights: presets, merging, LoRA merge, export ----
     @classmethod
-    def from_weights(cls, config, tensors, dtype=None):
+    def from_weights(cls, config, tensors, dtype=None, quantize=None):
         """A backbone of `config` holding `tensors`, {variable path: value}, one per variable.
 
         A value is an array, a backend tensor or a zero-argument callable
@@ -318,10 +318,22 @@ class Gemma2Backbone(keras.Model):
         time). Every name is checked before any value is read, every shape as
         it is assigned. The layers start as zeros, not random draws, since every
         weight is overwritten (`weights_from_checkpoint`).
+
+        `quantize` ("int8" / "int4"): the projections and the tied embedding
+        are built quantized and each float tensor is quantized as it is read,
+        to the codes `quantize` would give after a float load, without ever
+        holding the float model.
         """
-        with weights_from_checkpoint():
-            backbone = cls(config, dtype=dtype)
-        variables = {v.path: v for v in backbone.weights}
+        policy = resolve_dtype_policy(dtype)
+        quantize = quantization.check_load_request(quantize, policy)
+        with weights_from_checkpoint(quantization=quantize):
+            backbone = cls(config, dtype=policy)
+        # The checkpoint names float weights; a quantized layer's codes sit at its float
+        # weight's path and its scales are computed from it.
+        quantized = {quantization.checkpoint_variable(layer).path: layer
+                     for layer in quantization.quantized_layers(backbone)} if quantize else {}
+        derived = {v.path for layer in quantized.values() for v in layer.weights} - set(quantized)
+        variables = {v.path: v for v in backbone.weights if v.path not in derived}
         missing = sorted(set(variables) - set(tensors))
         unexpected = sorted(set(tensors) - set(variables))
         if missing or unexpected:
@@ -329,17 +341,25 @@ class Gemma2Backbone(keras.Model):
                 f"Checkpoint does not fit the architecture: missing {missing[:5]}, "
                 f"unexpected {unexpected[:5]}."
             )
+
+        def shape_error(path):
+            source = getattr(tensors[path], "source_name", path)
+            return lambda shape, expected: ValueError(
+                f"Weight {source!r} has shape {tuple(shape)} after conversion but the model "
+                f"expects {tuple(expected)} for {path!r}. The checkpoint does not match "
+                "its config (or the config overrides)."
+            )
+
         for path, variable in variables.items():
+            if path in quantized:
+                with quantization.collecting_new_objects_only():
+                    quantization.fill_quantized(quantized[path], tensors[path], shape_error(path))
+                continue
             array = tensors[path]() if callable(tensors[path]) else tensors[path]
             if not isinstance(array, np.ndarray):
                 array = keras.ops.convert_to_numpy(array)
             if tuple(array.shape) != tuple(variable.shape):
-                source = getattr(tensors[path], "source_name", path)
-                raise ValueError(
-                    f"Weight {source!r} has shape {tuple(array.shape)} after conversion but the model "
-                    f"expects {tuple(variable.shape)} for {path!r}. The checkpoint does not match "
-                    "its config (or the config overrides)."
-                )
+                raise shape_error(path)(array.shape, variable.shape)
             name = str(variable.dtype)
             target = ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
             # A plain array (not a memmap) in the variable's dtype, for every backend.
@@ -361,7 +381,7 @@ class Gemma2Backbone(keras.Model):
         return type(self).from_weights(self.config, {v.path: v.value for v in self.weights}, dtype=policy)
 
     @classmethod
-    def _from_preset(cls, preset, dtype, load_weights, config_overrides):
+    def _from_preset(cls, preset, dtype, load_weights, config_overrides, quantize=None):
         """(backbone, the path of the tokenizer stored with the preset or None).
 
         Gemma2CausalLM.from_preset builds on this. Every argument is checked
@@ -369,11 +389,12 @@ class Gemma2Backbone(keras.Model):
         """
         policy = resolve_dtype_policy(dtype)  # a bad dtype fails before any download
         cls._check_load_options(load_weights, config_overrides)
+        quantization.check_load_request(quantize, policy, load_weights)
         config, tensors, tokenizer_file = presets.read_preset(preset, Gemma2Config, load_weights)
         config = config.replace(**config_overrides)
         if tensors is None:
             return cls(config, dtype=policy), tokenizer_file
-        return cls.from_weights(config, tensors, dtype=policy), tokenizer_file
+        return cls.from_weights(config, tensors, dtype=policy, quantize=quantize), tokenizer_file
 
     @staticmethod
     def _check_load_options(load_weights, config_overrides):

@@ -29,25 +29,48 @@ def wide_dtype(compute_dtype):
 
 
 _weights_come_from_checkpoint = False
+_quantization_to_build = None  # "int8" / "int4": projections and the embedding built quantized
 
 
 @contextlib.contextmanager
-def weights_from_checkpoint():
+def weights_from_checkpoint(quantization=None):
     """Layers built inside start as zeros: every weight is about to be overwritten.
 
     Drawing random values costs 7-16x what zeros do (building the 2B on 2 CPU
     cores: 19-47 s against 2-3 s, by backend) and they would be thrown away.
+    With `quantization` ("int8" / "int4") the projections and the tied embedding
+    are built quantized (codes and scales, never a float kernel), to be filled
+    from a float checkpoint one tensor at a time (model/quantization.py).
     """
-    global _weights_come_from_checkpoint
-    previous, _weights_come_from_checkpoint = _weights_come_from_checkpoint, True
+    global _weights_come_from_checkpoint, _quantization_to_build
+    previous = _weights_come_from_checkpoint, _quantization_to_build
+    _weights_come_from_checkpoint, _quantization_to_build = True, quantization
     try:
         yield
     finally:
-        _weights_come_from_checkpoint = previous
+        _weights_come_from_checkpoint, _quantization_to_build = previous
 
 
 def _initializer(random):
     return "zeros" if _weights_come_from_checkpoint else random
+
+
+def _policy_to_build(dtype, kind):
+    """`dtype`, or inside weights_from_checkpoint(quantization=...) its quantized policy.
+
+    The names are the ones Keras' own `quantize` gives a layer (kind "projection",
+    an EinsumDense: int4 with Keras' default block size) or TiedEmbedding.quantize
+    gives the table (kind "embedding"); quantization.fill_quantized checks them.
+    """
+    mode = _quantization_to_build
+    if mode is None:
+        return dtype
+    source = keras.dtype_policies.get(dtype)
+    prefix = mode
+    if kind == "projection" and mode == "int4":
+        block_size = keras.quantizers.Int4QuantizationConfig().block_size
+        prefix = f"int4/{-1 if block_size is None else block_size}"
+    return keras.dtype_policies.get(f"{prefix}_from_{source.name}")
 
 
 def soft_cap(x, cap):
@@ -82,6 +105,7 @@ class Projection(keras.layers.EinsumDense):
 
     def __init__(self, units, **kwargs):
         kwargs.setdefault("kernel_initializer", "glorot_uniform")
+        kwargs["dtype"] = _policy_to_build(kwargs.get("dtype"), "projection")
         # The equation is fixed: `call` computes it as rows_times_transposed.
         super().__init__("btd,fd->btf", (None, units), **kwargs)
         self.units = units
@@ -94,6 +118,8 @@ class Projection(keras.layers.EinsumDense):
         return layer
 
     def build(self, input_shape):
+        # [out, in], also when built quantized (a float checkpoint's kernel must have it).
+        self.float_kernel_shape = (self.units, input_shape[-1])
         chosen = self.kernel_initializer  # what get_config keeps
         self.kernel_initializer = keras.initializers.get(_initializer(chosen))
         try:
@@ -192,6 +218,18 @@ def quantize_embedding_rows(table, mode, rows_per_chunk=4096):
     return ops.concatenate(codes, axis=0), ops.concatenate(scales, axis=0)
 
 
+def stored_embedding_rows(table, mode):
+    """(codes as TiedEmbedding stores them, float32 scales) of table rows: int4 packs two per byte.
+
+    Rows are independent, so a table quantized a slice of rows at a time (a
+    checkpoint streamed in, model/quantization.py) gives the same bytes.
+    """
+    codes, scales = quantize_embedding_rows(table, mode)
+    if mode == "int4":
+        codes = keras.quantizers.pack_int4(codes, axis=-1)[0]
+    return codes, scales
+
+
 def own_policy(layer):
     """The layer's own dtype policy (its entry when it holds a DTypePolicyMap)."""
     policy = layer.dtype_policy
@@ -216,6 +254,7 @@ class TiedEmbedding(keras.layers.Layer):
     """
 
     def __init__(self, vocabulary_size, hidden_dim, logit_soft_cap, **kwargs):
+        kwargs["dtype"] = _policy_to_build(kwargs.get("dtype"), "embedding")
         super().__init__(**kwargs)
         self.vocabulary_size = vocabulary_size
         self.hidden_dim = hidden_dim
@@ -271,9 +310,7 @@ class TiedEmbedding(keras.layers.Layer):
         # and the tied output projection read.
         if mode not in EMBEDDING_QUANTIZATION_BOUNDS:
             raise self._quantization_mode_error(mode)
-        codes, scale = quantize_embedding_rows(self.embeddings.value, mode)
-        if mode == "int4":
-            codes = keras.quantizers.pack_int4(codes, axis=-1)[0]
+        codes, scale = stored_embedding_rows(self.embeddings.value, mode)
         source = own_policy(self).name
         del self.embeddings  # untracks the float table
         self.quantized_build(None, mode)

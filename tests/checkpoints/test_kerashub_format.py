@@ -279,6 +279,22 @@ def test_bfloat16_preset(tmp_path):
     )
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_loads_quantized_while_streaming(kerashub_preset, mode):
+    """from_preset(quantize=) reads the table by row slices of the h5 dataset; the same model as quantize()."""
+    directory, _, token_ids, padding_mask, _ = kerashub_preset
+    _, tensors = read_kerashub_preset(directory, Gemma2Config)
+    table = tensors["token_embedding/embeddings"]
+    np.testing.assert_array_equal(table.read_rows(3, 70), table()[3:70])
+    assert not hasattr(tensors["decoder_block_0/attention/query/kernel"], "read_rows")  # transposed: whole
+    reference = Gemma2CausalLM.from_preset(directory)
+    reference.quantize(mode)
+    streamed = Gemma2CausalLM.from_preset(directory, quantize=mode)
+    np.testing.assert_array_equal(
+        _our_logits(streamed, token_ids, padding_mask), _our_logits(reference, token_ids, padding_mask)
+    )
+
+
 # ---- 27B-style query scaling -----------------------------------------------------
 def test_27b_style_query_scalar(tmp_path):
     backbone = _randomized_backbone(3, **GEMMA2_27B_STYLE)

@@ -194,15 +194,22 @@ def own_split(model, args):
         padded, padding, bucket = generation.left_pad(
             [list(r) for r in ids], args.new, config.max_sequence_length
         )
-        start, decode = model.generator.functions(
-            batch, bucket, args.new, sampler, (), config.sliding_window_size
-        )
         seed = keras.ops.convert_to_tensor(np.int32(0))
+        if hasattr(model.generator, "prepare"):  # programs keyed by cache bucket, runtime settings
+            start, decode, inputs = model.generator.prepare(
+                [list(r) for r in ids], args.new, sampler, (), config.sliding_window_size
+            )
+            inputs = (*inputs, seed)
+        else:  # a --baseline tree: one program per budget
+            start, decode = model.generator.functions(
+                batch, bucket, args.new, sampler, (), config.sliding_window_size
+            )
+            inputs = (keras.ops.convert_to_tensor(padded), keras.ops.convert_to_tensor(padding), seed)
         stop_at = keras.ops.convert_to_tensor(np.int32(args.new))
         prefill_s, decode_s = [], []
         for _ in range(args.split_repeats):
             t0 = time.perf_counter()
-            state = start(keras.ops.convert_to_tensor(padded), keras.ops.convert_to_tensor(padding), seed)
+            state = start(*inputs)
             keras.ops.convert_to_numpy(state["tokens"])
             t1 = time.perf_counter()
             state = decode(state, seed, stop_at)

@@ -1,27 +1,37 @@
 """Text generation: one prefill pass, then one compiled decode loop.
 
-Prompts are left-padded to a length bucket (powers of two from 16), so
-prompts of different lengths share one compiled program per (batch size,
-bucket, new-token budget, sampler, stop ids). Prefill costs the bucket, not
-the full generation length; the decode loop stops early once every row has
-emitted a stop token. Streaming runs the same compiled loop a chunk at a time.
+Programs are compiled once per (batch size, prompt bucket, cache bucket,
+sampler kind, window, stop-id slots): prompts are left-padded to a length
+bucket (powers of two from 16) and the cache to a power of two that holds
+prompt + budget, while the new-token budget, the stop ids, the seed and the
+sampler's numbers are runtime values. Trying 64, then 100, then 200 new
+tokens compiles at most once per cache bucket. Prefill costs the prompt
+bucket, not the generation length; the decode loop stops early once every
+row has emitted a stop token. Streaming runs the same loop a chunk at a time.
 """
 
 import numpy as np
 from keras import ops
 
 from keras_gemma2 import backend
+from keras_gemma2.generation import samplers
 from keras_gemma2.model import kv_cache
 
 MIN_BUCKET = 16
+MIN_STOP_SLOTS = 8  # stop ids are padded with -1 (never a token) to a power of two >= 8
+
+
+def power_of_two_bucket(length, smallest, limit):
+    """Smallest power of two >= length (at least `smallest`), at most `limit` (but >= length)."""
+    bucket = smallest
+    while bucket < length:
+        bucket *= 2
+    return max(length, min(bucket, limit))
 
 
 def prompt_bucket(longest, limit):
     """Smallest power of two >= longest (at least MIN_BUCKET), at most `limit`."""
-    bucket = MIN_BUCKET
-    while bucket < longest:
-        bucket *= 2
-    return max(longest, min(bucket, limit))
+    return power_of_two_bucket(longest, MIN_BUCKET, limit)
 
 
 def left_pad(prompts, max_new_tokens, max_sequence_length):
@@ -34,6 +44,14 @@ def left_pad(prompts, max_new_tokens, max_sequence_length):
         padded[row, bucket - len(prompt) :] = prompt
         padding[row] = bucket - len(prompt)
     return padded, padding, bucket
+
+
+def stop_slots(stop_ids):
+    """The stop ids as a fixed-size int32 array, padded with -1 (a runtime input of the loop)."""
+    size = power_of_two_bucket(len(stop_ids), MIN_STOP_SLOTS, max(len(stop_ids), MIN_STOP_SLOTS))
+    slots = np.full((size,), -1, "int32")
+    slots[: len(stop_ids)] = stop_ids
+    return slots
 
 
 def prefill(backbone, layout, prompt, padding):
@@ -78,24 +96,23 @@ class Generator:
         if backend.compiles():
             self.compilations += 1  # runs once per trace, not per call
 
-    def functions(self, batch_size, bucket, max_new_tokens, sampler, stop_ids, window):
+    def functions(self, batch_size, bucket, cache_length, sampler_kind, window, stop_count):
         """(prefill, decode loop) for one shape of request, compiled on first use."""
-        key = (batch_size, bucket, max_new_tokens, sampler, stop_ids, window)
+        key = (batch_size, bucket, cache_length, sampler_kind, window, stop_count)
         return self.cached(
-            key, lambda: self._build(batch_size, bucket, max_new_tokens, sampler, stop_ids, window)
+            key, lambda: self._build(bucket, cache_length, sampler_kind, window)
         )
 
-    def _build(self, batch_size, bucket, max_new_tokens, sampler, stop_ids, window):
+    def _build(self, bucket, cache_length, sampler_kind, window):
         backbone = self.model.backbone
-        total_length = bucket + max_new_tokens
         layout = kv_cache.CacheLayout.rings(
-            backbone.config.replace(sliding_window_size=window), total_length
+            backbone.config.replace(sliding_window_size=window), cache_length
         )
-        stop = np.array(stop_ids or [-1], "int32")
+        capacity = cache_length - bucket  # the most new tokens this program can give
 
-        def choose(logits, step, seed, tokens, logprobs, done):
+        def choose(logits, step, seed, tokens, logprobs, done, stop, settings):
             """Sample step `step`'s token per row; finished rows get 0 (never fed back)."""
-            token = sampler.select(logits, ops.stack([seed, step]))
+            token = samplers.select(sampler_kind, logits, ops.stack([seed, step]), settings)
             chosen = ops.take_along_axis(ops.log_softmax(logits, axis=-1), token[:, None], axis=-1)
             token = ops.where(done, 0, token)
             tokens = ops.slice_update(tokens, [0, step], token[:, None])
@@ -103,20 +120,20 @@ class Generator:
             done = ops.logical_or(done, ops.any(token[:, None] == stop[None, :], axis=-1))
             return token, tokens, logprobs, done
 
-        def start(prompt, padding, seed):
+        def start(prompt, padding, stop, settings, seed):
             """Prefill and the first token: all time-to-first-token costs, nothing more."""
             self.count_trace()
             batch = ops.shape(prompt)[0]
             logits, caches = prefill(backbone, layout, prompt, padding)
             token, tokens, logprobs, done = choose(
                 logits, ops.zeros((), "int32"), seed,
-                ops.zeros((batch, max_new_tokens), "int32"),
-                ops.zeros((batch, max_new_tokens), "float32"),
-                ops.zeros((batch,), "bool"),
+                ops.zeros((batch, capacity), "int32"),
+                ops.zeros((batch, capacity), "float32"),
+                ops.zeros((batch,), "bool"), stop, settings,
             )
             return {
                 "step": ops.ones((), "int32"), "token": token, "caches": caches, "padding": padding,
-                "tokens": tokens, "logprobs": logprobs, "done": done,
+                "tokens": tokens, "logprobs": logprobs, "done": done, "stop": stop, "settings": settings,
             }
 
         def run(state, seed, stop_at):
@@ -134,7 +151,9 @@ class Generator:
                 logits, caches = decode_step(
                     backbone, layout, token, state["padding"], caches, bucket + step - 1
                 )
-                token, tokens, logprobs, done = choose(logits, step, seed, tokens, logprobs, done)
+                token, tokens, logprobs, done = choose(
+                    logits, step, seed, tokens, logprobs, done, state["stop"], state["settings"]
+                )
                 return step + 1, token, caches, tokens, logprobs, done
 
             names = ("step", "token", "caches", "tokens", "logprobs", "done")
@@ -148,16 +167,26 @@ class Generator:
         )
 
     # ---- host side ----------------------------------------------------------
+    def prepare(self, prompts, max_new_tokens, sampler, stop_ids, window):
+        """(start, decode, start's inputs but the seed) for one request, compiled on first use.
+
+        `start(*inputs, seed)` prefills and samples the first token; `decode(state,
+        seed, stop_at)` continues to step `stop_at` (benchmarks/generate.py times the two).
+        """
+        context = self.model.config.max_sequence_length
+        padded, padding, bucket = left_pad(prompts, max_new_tokens, context)
+        cache_length = power_of_two_bucket(bucket + max_new_tokens, 2 * MIN_BUCKET, context)
+        stop = stop_slots(stop_ids)
+        kind = sampler.kind(self.model.config.vocabulary_size)
+        start, decode = self.functions(len(prompts), bucket, cache_length, kind, window, len(stop))
+        inputs = (padded, padding, stop, sampler.settings())
+        return start, decode, tuple(ops.convert_to_tensor(value) for value in inputs)
+
     def run(self, prompts, max_new_tokens, sampler, stop_ids, seed, window, chunk=None):
         """Yield (tokens [B, n], logprobs [B, n], done [B]) after each chunk (one chunk if None)."""
-        padded, padding, bucket = left_pad(
-            prompts, max_new_tokens, self.model.config.max_sequence_length
-        )
-        start, decode = self.functions(
-            len(prompts), bucket, max_new_tokens, sampler, stop_ids, window
-        )
+        start, decode, inputs = self.prepare(prompts, max_new_tokens, sampler, stop_ids, window)
         seed = ops.convert_to_tensor(np.int32(seed if seed is not None else np.random.randint(2**31 - 1)))
-        state = start(ops.convert_to_tensor(padded), ops.convert_to_tensor(padding), seed)
+        state = start(*inputs, seed)
         step = 1  # `start` sampled the first token
         while True:
             done = np.asarray(ops.convert_to_numpy(state["done"]))

@@ -1,8 +1,11 @@
 """Token samplers that run inside the compiled decode loop (keras.ops only).
 
-A sampler is a frozen description (its settings are part of the compile
-key); `select(logits, seed)` maps float32 logits [batch, vocab] to token ids.
-Settings combine in the usual order: temperature, then top-k, top-p, min-p.
+A sampler is a frozen description. Its `kind` (greedy, or which filters
+apply) is part of the compile key; its numbers (`settings`: temperature,
+top-k, top-p, min-p) are runtime inputs, so changing them compiles nothing.
+`select(kind, logits, seed, settings)` maps float32 logits [batch, vocab] to
+token ids. Settings combine in the usual order: temperature, then top-k,
+top-p, min-p.
 """
 
 import dataclasses
@@ -73,26 +76,66 @@ class Sampler:
         if self.temperature == 0:  # the limit of temperature -> 0
             object.__setattr__(self, "greedy", True)
 
-    def select(self, logits, seed):
+    def kind(self, vocabulary_size):
+        """What the compiled program must do (hashable): greedy, or which filters apply.
+
+        top-k keeps a power-of-two bucket of candidates (>= 64), so k's value is a
+        runtime setting too; k >= the vocabulary filters nothing.
+        """
         if self.greedy:
-            return ops.cast(ops.argmax(logits, axis=-1), "int32")
-        logits = logits / self.temperature
-        if self.top_k is not None and self.top_k < logits.shape[-1]:
-            kth_best = ops.top_k(logits, self.top_k, sorted=True)[0][:, -1:]
-            logits = ops.where(logits < kth_best, _REMOVED, logits)
-        if self.top_p is not None and self.top_p < 1:
-            ordered = ops.flip(ops.sort(logits, axis=-1), axis=-1)
-            probabilities = ops.softmax(ordered, axis=-1)
-            mass_before = ops.cumsum(probabilities, axis=-1) - probabilities
-            # The smallest logit still inside the nucleus (the top token always is).
-            kept = ops.where(mass_before < self.top_p, ordered, ordered[:, :1])
-            threshold = ops.min(kept, axis=-1, keepdims=True)
-            logits = ops.where(logits < threshold, _REMOVED, logits)
-        if self.min_p is not None and self.min_p > 0:
-            probabilities = ops.softmax(logits, axis=-1)
-            floor = self.min_p * ops.max(probabilities, axis=-1, keepdims=True)
-            logits = ops.where(probabilities < floor, _REMOVED, logits)
-        return backend.stateless_categorical(logits, seed)
+            return ("greedy",)
+        top_k = None
+        if self.top_k is not None and self.top_k < vocabulary_size:
+            top_k = min(vocabulary_size, _power_of_two(self.top_k, TOP_K_MIN_CANDIDATES))
+        return (
+            "sample", top_k,
+            self.top_p is not None and self.top_p < 1,
+            self.min_p is not None and self.min_p > 0,
+        )
+
+    def settings(self):
+        """The runtime numbers: float32 [temperature, top_k, top_p, min_p] (unused ones 0)."""
+        return np.array([self.temperature, self.top_k or 0, self.top_p or 0, self.min_p or 0], "float32")
+
+    def select(self, logits, seed):
+        """One token per row of `logits` [batch, vocab] (outside a compiled loop)."""
+        return select(self.kind(logits.shape[-1]), logits, seed, self.settings())
+
+
+TOP_K_MIN_CANDIDATES = 64
+
+
+def _power_of_two(value, smallest):
+    size = smallest
+    while size < value:
+        size *= 2
+    return size
+
+
+def select(kind, logits, seed, settings):
+    """Token ids [batch] from float32 logits [batch, vocab]: `kind` static, `settings` a tensor."""
+    if kind[0] == "greedy":
+        return ops.cast(ops.argmax(logits, axis=-1), "int32")
+    _, top_k_candidates, top_p, min_p = kind
+    logits = logits / settings[0]
+    if top_k_candidates is not None:
+        best = ops.top_k(logits, top_k_candidates, sorted=True)[0]
+        k = ops.cast(settings[1], "int32")
+        kth_best = ops.take(best, k - 1, axis=1)[:, None]
+        logits = ops.where(logits < kth_best, _REMOVED, logits)
+    if top_p:
+        ordered = ops.flip(ops.sort(logits, axis=-1), axis=-1)
+        probabilities = ops.softmax(ordered, axis=-1)
+        mass_before = ops.cumsum(probabilities, axis=-1) - probabilities
+        # The smallest logit still inside the nucleus (the top token always is).
+        kept = ops.where(mass_before < settings[2], ordered, ordered[:, :1])
+        threshold = ops.min(kept, axis=-1, keepdims=True)
+        logits = ops.where(logits < threshold, _REMOVED, logits)
+    if min_p:
+        probabilities = ops.softmax(logits, axis=-1)
+        floor = settings[3] * ops.max(probabilities, axis=-1, keepdims=True)
+        logits = ops.where(probabilities < floor, _REMOVED, logits)
+    return backend.stateless_categorical(logits, seed)
 
 
 SAMPLER_NAMES = ("greedy", "temperature", "top_k", "top_p", "min_p", "beam")

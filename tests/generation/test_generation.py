@@ -8,7 +8,7 @@ from helpers import randomize_weights
 from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM, Gemma2Config, Gemma2Tokenizer
 from keras_gemma2 import backend
 from keras_gemma2.model.kv_cache import CacheLayout
-from keras_gemma2.generation.samplers import BeamSearch
+from keras_gemma2.generation.samplers import BeamSearch, Sampler
 
 TINY = Gemma2Config.from_preset("gemma2_tiny_test")  # sliding window 4
 WINDOW = TINY.sliding_window_size
@@ -125,6 +125,37 @@ def test_one_compilation_per_bucket():
     # Prefill runs over the prompt bucket, not over the generation length.
     buckets = {key[1] for key in model.generator._functions}
     assert buckets <= {16, 32}
+
+
+def test_one_program_pair_per_sampler_kind_across_requests():
+    """Prompt length (one bucket), budget (one cache bucket), stop ids, seed and the sampler's
+    numbers change on every call: nothing compiles after the first call of each sampler kind."""
+    model = tiny_model()
+    rng = np.random.default_rng(0)
+    for call in range(10):
+        prompt = rng.integers(1, TINY.vocabulary_size, 3 + call).tolist()  # 3..12 tokens: bucket 16
+        options = dict(max_new_tokens=4 + call, stop_token_ids=rng.integers(1, 128, call % 3).tolist())
+        model.generate(prompt, **options)  # 16 + 13 <= 32: one cache bucket
+        model.generate(prompt, sampler="top_k", top_k=5 + call, temperature=0.5 + 0.1 * call, seed=call, **options)
+    assert model.generator.compilations == (4 if backend.compiles() else 0)  # prefill + decode, twice
+    assert len(model.generator._functions) == 2
+
+
+def test_sampling_follows_the_seeded_rule_whatever_the_budget(model):
+    """Step t's token is select(logits, key [seed, t]): the same tokens for any budget or cache bucket."""
+    sampler = Sampler(temperature=0.7, top_k=20, top_p=0.9)
+    # Compiled as the loop is: TensorFlow's stateless random numbers differ between eager and XLA.
+    select = backend.compile_function(sampler.select, [])
+    prompt = [3, 17, 29]
+    sequence = list(prompt)
+    for step in range(9):  # the reference: the uncached forward, one step at a time
+        logits = keras.ops.convert_to_tensor(full_forward_logits(model, sequence)[-1:].astype("float32"))
+        token = select(logits, keras.ops.convert_to_tensor(np.array([11, step], "int32")))
+        sequence.append(int(np.asarray(keras.ops.convert_to_numpy(token))[0]))
+    for budget in (5, 9, 40):  # cache buckets 32, 32, 64
+        tokens = model.generate(prompt, max_new_tokens=budget, sampler=sampler, seed=11, stop_token_ids=())
+        assert tokens.tolist()[:9] == sequence[len(prompt) :][:budget]
+    assert len(set(sequence[len(prompt):])) > 3
 
 
 def test_no_forward_pass_after_the_last_token(monkeypatch):

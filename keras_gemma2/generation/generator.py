@@ -18,15 +18,12 @@ from keras_gemma2.generation import samplers
 from keras_gemma2.model import kv_cache
 
 MIN_BUCKET = 16
-MIN_STOP_SLOTS = 8  # stop ids are padded with -1 (never a token) to a power of two >= 8
+MIN_STOP_SLOTS = 8  # stop ids are padded with -1 (never a token) to at least 8 slots
 
 
 def power_of_two_bucket(length, smallest, limit):
     """Smallest power of two >= length (at least `smallest`), at most `limit` (but >= length)."""
-    bucket = smallest
-    while bucket < length:
-        bucket *= 2
-    return max(length, min(bucket, limit))
+    return max(length, min(samplers.power_of_two(length, smallest), limit))
 
 
 def prompt_bucket(longest, limit):
@@ -48,8 +45,7 @@ def left_pad(prompts, max_new_tokens, max_sequence_length):
 
 def stop_slots(stop_ids):
     """The stop ids as a fixed-size int32 array, padded with -1 (a runtime input of the loop)."""
-    size = power_of_two_bucket(len(stop_ids), MIN_STOP_SLOTS, max(len(stop_ids), MIN_STOP_SLOTS))
-    slots = np.full((size,), -1, "int32")
+    slots = np.full((max(len(stop_ids), MIN_STOP_SLOTS),), -1, "int32")
     slots[: len(stop_ids)] = stop_ids
     return slots
 

@@ -86,7 +86,7 @@ class Sampler:
             return ("greedy",)
         top_k = None
         if self.top_k is not None and self.top_k < vocabulary_size:
-            top_k = min(vocabulary_size, _power_of_two(self.top_k, TOP_K_MIN_CANDIDATES))
+            top_k = min(vocabulary_size, power_of_two(self.top_k, TOP_K_MIN_CANDIDATES))
         return (
             "sample", top_k,
             self.top_p is not None and self.top_p < 1,
@@ -105,7 +105,8 @@ class Sampler:
 TOP_K_MIN_CANDIDATES = 64
 
 
-def _power_of_two(value, smallest):
+def power_of_two(value, smallest):
+    """The smallest power of two >= value, starting from `smallest` (a power of two)."""
     size = smallest
     while size < value:
         size *= 2

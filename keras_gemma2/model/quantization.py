@@ -234,8 +234,7 @@ def layer_filter(filters=None):
 
 
 def itemsize(dtype):
-    name = keras.backend.standardize_dtype(dtype)
-    return np.dtype(getattr(ml_dtypes, name, name)).itemsize
+    return _numpy_dtype(dtype).itemsize
 
 
 def weight_bytes(model):

@@ -168,7 +168,11 @@ def worker_ours(args):
         return np.stack(rows)
 
     def finish():
-        return {"compilations": model.generator.compilations, "split": own_split(model, args)}
+        compilations = model.generator.compilations
+        return {"compilations": compilations, "split": own_split(model, args),
+                **({} if args.worker == "baseline" else
+                   {"varied": own_varied_requests(model, args), "chat": own_chat(model, args),
+                    "speculative": own_speculative(model, args)})}
 
     compiled = keras.backend.backend() != "torch"
     serve_generate(args, generate, config.vocabulary_size, compiled, finish, load_s=load_s)
@@ -219,6 +223,186 @@ def own_split(model, args):
             decode_s.append(t2 - t1)
         split[batch] = {"bucket": bucket, "prefill_s": prefill_s, "decode_s": decode_s}
     return split
+
+
+VARIED_REQUESTS = 10
+
+
+def own_varied_requests(model, args):
+    """Compilations and seconds over VARIED_REQUESTS calls that vary what a user varies.
+
+    Budget (args.new // 2 .. args.new), stop ids and, for half, the temperature of a
+    sampled request: one prompt and cache bucket, so at most one program pair per
+    sampler kind (greedy, temperature) should compile, however many calls.
+    """
+    import numpy as np
+
+    config = model.config
+    ids = [list(prompts(1, args.prompt, config.vocabulary_size)[0])]
+    before, begin = model.generator.compilations, time.perf_counter()
+    for call in range(VARIED_REQUESTS):
+        budget = args.new // 2 + (call * 7) % (args.new // 2 + 1)
+        sampled = {"sampler": "temperature", "temperature": 0.5 + 0.1 * call, "seed": call} if call % 2 else {}
+        model.generate(ids, max_new_tokens=budget, stop_token_ids=[int(np.int32(3 + call))], **sampled)
+    return {"calls": VARIED_REQUESTS, "compilations": model.generator.compilations - before,
+            "seconds": time.perf_counter() - begin}
+
+
+CHAT_TURNS = 8
+
+
+def chat_messages(tokenizer, count, length):
+    """`count` user messages of about `length` tokens: lines of the demo preset's held-out text."""
+
+    path = os.path.join(ROOT, "presets", "gemma2_demo", "held_out.txt")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    words = text.split()
+    messages, start = [], 0
+    for _ in range(count):
+        end = start + 1
+        while len(tokenizer.tokenize(" ".join(words[start:end]), add_bos=False)) < length:
+            end += 1
+        messages.append(" ".join(words[start:end]))
+        start = end
+    return messages
+
+
+def chat_tokenizer(path):
+    """A SentencePiece model with the benchmark model's 32000 ids and Gemma's turn markers.
+
+    BPE pieces learned from the demo preset's held-out text, the rest of the
+    ids filled with `<unusedN>` symbols (Gemma's own vocabulary has such), so
+    every id the random model samples detokenizes to text.
+    """
+    import io
+
+    import sentencepiece as spm
+
+    with open(os.path.join(ROOT, "presets", "gemma2_demo", "held_out.txt"), encoding="utf-8") as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=MODEL["vocabulary_size"],
+        model_type="bpe", pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
+        bos_piece="<bos>", unk_piece="<unk>", hard_vocab_limit=False, minloglevel=2,
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>", "\n"]
+        + [f"<unused{i}>" for i in range(MODEL["vocabulary_size"] - 2000)],
+        normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
+        split_digits=True, byte_fallback=True, character_coverage=1.0, num_threads=1,
+    )
+    with open(path, "wb") as f:
+        f.write(model.getvalue())
+
+
+def own_chat(model, args):
+    """Time to first token of each of CHAT_TURNS chat turns: the kept conversation vs re-prefilling.
+
+    Each user message is about args.prompt tokens, each reply args.new tokens (no
+    stop). `conversation.send` prefills only the new turn; the re-prefill column is
+    what chat() without a kept cache costs: generate(max_new_tokens=1) over the same
+    transcript ids from an empty cache. A first conversation compiles (cache and chunk
+    buckets) and is not timed; then args.split_repeats conversations, medians per turn.
+    """
+    from keras_gemma2 import Gemma2Tokenizer
+
+    model.tokenizer = Gemma2Tokenizer(args.chat_tokenizer)
+    messages = chat_messages(model.tokenizer, CHAT_TURNS, args.prompt)
+
+    def conversation():
+        chat = model.start_chat(max_new_tokens=args.new, stop_token_ids=())
+        ttft = []
+        for message in messages:
+            begin, first = time.perf_counter(), []
+            chat.send(message, stream=lambda piece: first or first.append(time.perf_counter() - begin))
+            ttft.append(first[0])
+        return ttft, [turn.prompt_ids.tolist() for turn in chat.turns], len(chat.token_ids)
+
+    def reprefill(prompt):
+        begin = time.perf_counter()
+        model.generate([prompt], max_new_tokens=1, stop_token_ids=())
+        return time.perf_counter() - begin
+
+    _, transcripts, _ = conversation()  # compiles
+    for prompt in transcripts:
+        reprefill(prompt)
+    kept, again = [], []
+    for _ in range(args.split_repeats):
+        ttft, transcripts, length = conversation()
+        kept.append(ttft)
+        again.append([reprefill(prompt) for prompt in transcripts])
+    return {"kept_s": kept, "reprefill_s": again, "prompt_tokens": [len(p) for p in transcripts],
+            "transcript_tokens": length}
+
+
+DRAFT_TOKENS = (2, 4)
+SPECULATIVE_NEW = 64
+
+
+def early_exit_draft(model, layers):
+    """A draft made of the target's own first `layers` blocks, embedding and final norm (no training)."""
+    import keras_gemma2
+
+    config = model.config.replace(num_layers=layers)
+    kept = {v.path: v for v in model.backbone.weights}
+    backbone = keras_gemma2.Gemma2Backbone.from_weights(
+        config, {path: kept[path] for path in _paths_of(config)}, dtype="float32"
+    )
+    return keras_gemma2.Gemma2CausalLM(backbone)
+
+
+def _paths_of(config):
+    import keras_gemma2
+
+    return [v.path for v in keras_gemma2.Gemma2Backbone(config, dtype="float32").weights]
+
+
+def own_speculative(model, args):
+    """Batch-1 greedy decode with a draft against plain decode: acceptance, speed-up, cost model.
+
+    Pairs: the shipped gemma2_demo (distilled) drafting for gemma2_demo_teacher, on
+    held-out text; and this benchmark's random 148M model drafting for itself with its
+    own first 2 of 12 blocks (an early-exit draft: no training; a random model gives
+    a distilled draft nothing to learn). Speed = (N - 1) / (t(N) - t(1)), N =
+    SPECULATIVE_NEW; every speculative output is checked equal to plain greedy.
+    """
+    import numpy as np
+
+    import keras_gemma2
+
+    teacher = keras_gemma2.from_preset("gemma2_demo_teacher", dtype="float32")
+    student = keras_gemma2.from_preset("gemma2_demo", dtype="float32")
+    with open(os.path.join(ROOT, "presets", "gemma2_demo", "held_out.txt"), encoding="utf-8") as f:
+        demo_prompt = teacher.tokenizer(f.read()[:2000])[: args.prompt]
+    pairs = [
+        ("gemma2_demo -> gemma2_demo_teacher", teacher, student, demo_prompt),
+        ("148M: own first 2 blocks -> itself", model, early_exit_draft(model, 2),
+         [int(x) for x in prompts(1, args.prompt, model.config.vocabulary_size)[0]]),
+    ]
+    out = []
+    for name, target, draft, prompt in pairs:
+        def timed(generating, new, **kwargs):
+            begin = time.perf_counter()
+            tokens = generating.generate(prompt, max_new_tokens=new, stop_token_ids=(), **kwargs)
+            return time.perf_counter() - begin, tokens
+
+        def decode_speed(generating, **kwargs):
+            for new in (1, SPECULATIVE_NEW):
+                timed(generating, new, **kwargs)  # compiles
+            t1 = median([timed(generating, 1, **kwargs)[0] for _ in range(args.split_repeats + 1)])
+            tn = median([timed(generating, SPECULATIVE_NEW, **kwargs)[0] for _ in range(args.split_repeats + 1)])
+            return (SPECULATIVE_NEW - 1) / (tn - t1)
+
+        plain_tokens = timed(target, SPECULATIVE_NEW)[1]
+        entry = {"pair": name, "target_tps": decode_speed(target), "draft_tps": decode_speed(draft), "k": {}}
+        for k in DRAFT_TOKENS:
+            speed = decode_speed(target, draft_model=draft, num_draft_tokens=k)
+            _, tokens = timed(target, SPECULATIVE_NEW, draft_model=draft, num_draft_tokens=k)
+            stats = target.generator.last_speculation
+            entry["k"][k] = {"tps": speed, "rate": stats["rate"], "rounds": stats["rounds"],
+                             "identical": bool(np.array_equal(tokens, plain_tokens))}
+        out.append(entry)
+    return out
 
 
 def _zero_initializers():
@@ -289,6 +473,7 @@ def prepare(args):
 
     model = keras_gemma2.from_preset(args.kerashub_dir, dtype="float32")
     model.save_to_preset(args.hf_dir)
+    chat_tokenizer(args.chat_tokenizer)
     config = model.config
     real = keras_gemma2.Gemma2Config.from_preset("gemma2_2b_en")
     context = 8192
@@ -477,7 +662,7 @@ def _timed(fn):
 
 def worker_command(kind, backend, args, output=None):
     command = [sys.executable, os.path.abspath(__file__), "--worker", kind,
-               "--kerashub-dir", args.kerashub_dir, "--hf-dir", args.hf_dir,
+               "--kerashub-dir", args.kerashub_dir, "--hf-dir", args.hf_dir, "--chat-tokenizer", args.chat_tokenizer,
                "--threads", str(args.threads), "--weight-bytes", str(args.weight_bytes),
                "--split-repeats", str(args.split_repeats), "--prompt", str(args.prompt), "--new", str(args.new)]
     if output:
@@ -724,6 +909,7 @@ def main(args):
     with tempfile.TemporaryDirectory(prefix="gemma2-generate-bench-") as directory:
         args.kerashub_dir = os.path.join(directory, "kerashub")
         args.hf_dir = os.path.join(directory, "hf")
+        args.chat_tokenizer = os.path.join(directory, "chat_tokenizer.model")
         args.weight_bytes = 0
         facts = prepare_weights(args, directory)
         if facts is None:
@@ -784,6 +970,61 @@ def main(args):
         f"and first token) and its decode loop ({args.new - 1} forward steps). keras-hub prefills "
         "its whole max_length (prompt + new) and recomputes the last prompt token, so part of its prefill lands in its decode figure.")
     say()
+
+    ours = [label for label, kind, _ in SYSTEMS if kind == "ours" and results.get(label)]
+    if any("varied" in results[label] for label in ours):
+        say(f"Compile once: {VARIED_REQUESTS} calls after the timed rounds (batch 1, prompt {args.prompt}, "
+            f"max_new_tokens {args.new // 2}-{args.new}, a different stop id each, every other call "
+            "sampled with another temperature and seed); programs compiled during those calls, and their "
+            "total time:")
+        for label in ours:
+            varied = results[label].get("varied")
+            if varied:
+                say(f"- {label}: {varied['compilations']} compilations over {varied['calls']} calls, "
+                    f"{varied['seconds']:.1f} s (programs compiled before them, by the warm-up and rounds: {results[label]['compilations']})")
+        say()
+    if any("chat" in results[label] for label in ours):
+        say(f"Chat: time to first token of turn k (ms; user messages of about {args.prompt} tokens, replies "
+            f"of {args.new} tokens; median of {args.split_repeats} conversations after one that compiles). "
+            "Kept = `start_chat()` / `send()`, which prefills only the new turn; re-prefill = generate over "
+            "the same transcript ids from an empty cache (what a chat without a kept cache does each turn).")
+        say()
+        shown = [k for k in (1, 4, CHAT_TURNS)]
+        say("| system | " + " | ".join(f"turn {k}: kept / re-prefill (transcript tokens)" for k in shown) + " |")
+        say("|---|" + "---:|" * len(shown))
+        for label in ours:
+            chat = results[label].get("chat")
+            if not chat:
+                continue
+            cells = []
+            for k in shown:
+                kept = 1000 * median([run[k - 1] for run in chat["kept_s"]])
+                again = 1000 * median([run[k - 1] for run in chat["reprefill_s"]])
+                cells.append(f"{kept:.0f} / {again:.0f} ({chat['prompt_tokens'][k - 1]}; {again / kept:.1f}x)")
+            say(f"| {label} | " + " | ".join(cells) + " |")
+        say()
+
+    if any("speculative" in results[label] for label in ours):
+        say(f"Speculative decoding: batch 1, greedy, {SPECULATIVE_NEW} new tokens, decode tok/s = "
+            f"{SPECULATIVE_NEW - 1} / (t({SPECULATIVE_NEW}) - t(1)), median of {args.split_repeats + 1} runs after "
+            "a warm-up. Cost model: c = draft step / target step (their plain decode speeds), a = acceptance "
+            "rate, tokens per round = (1 - a^(k+1)) / (1 - a), predicted speed-up = tokens per round / "
+            "(k c + 1) (the verification of k + 1 tokens costs about one target step when weight reads dominate).")
+        say()
+        say("| system | pair | target tok/s | draft tok/s (c) | k | acceptance | tok/s with draft | speed-up "
+            "(predicted) | same tokens |")
+        say("|---|---|---:|---:|---:|---:|---:|---:|---|")
+        for label in ours:
+            for entry in results[label].get("speculative") or []:
+                c = entry["target_tps"] / entry["draft_tps"]
+                for k, row in entry["k"].items():
+                    a = row["rate"]
+                    per_round = (1 - a ** (int(k) + 1)) / (1 - a) if a < 1 else int(k) + 1
+                    predicted = per_round / (int(k) * c + 1)
+                    say(f"| {label} | {entry['pair']} | {entry['target_tps']:.1f} | {entry['draft_tps']:.1f} "
+                        f"({c:.2f}) | {k} | {a:.2f} | {row['tps']:.1f} | {row['tps'] / entry['target_tps']:.2f}x "
+                        f"({predicted:.2f}x) | {row['identical']} |")
+        say()
 
     loads = [f"{label} {results[label]['load_s']:.1f}" for label, _, _ in SYSTEMS
              if results.get(label) and "load_s" in results[label]]
@@ -869,6 +1110,7 @@ def parse(argv=None):
     parser.add_argument("--channel-fd", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--kerashub-dir", help=argparse.SUPPRESS)
     parser.add_argument("--hf-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--chat-tokenizer", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 

@@ -110,6 +110,24 @@ def stateless_categorical(logits, seed):
     return torch.multinomial(probabilities, 1, generator=generator)[:, 0].to(torch.int32)
 
 
+def stateless_uniform(shape, seed):
+    """Uniform floats in [0, 1) of `shape` (float32), a pure function of `seed` ([2] int32)."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.random.uniform(keras.ops.cast(seed, "uint32"), shape, "float32")
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.random.stateless_uniform(shape, seed=tf.cast(seed, tf.int64), dtype=tf.float32)
+    import torch
+
+    first, second = (int(v) for v in seed.tolist())
+    generator = torch.Generator().manual_seed((first * 1_000_003 + second) % (2**63))
+    return torch.rand(shape, generator=generator, dtype=torch.float32).to(keras.ops.convert_to_tensor(0.0).device)
+
+
 _jax_slice_writers = {}
 
 

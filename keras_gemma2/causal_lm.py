@@ -1,5 +1,6 @@
 """Gemma 2 language model: the backbone plus the tied, soft-capped output projection."""
 
+import dataclasses
 import functools
 import os
 import warnings
@@ -8,7 +9,8 @@ import keras
 import numpy as np
 
 from keras_gemma2.checkpoints import presets
-from keras_gemma2.generation import results
+from keras_gemma2.generation import results, speculative
+from keras_gemma2.generation.conversation import Conversation
 from keras_gemma2.generation.generator import Generator
 from keras_gemma2.generation.request import build_request, check_output_options, default_stop_ids
 from keras_gemma2.generation.samplers import Sampler, compiled_sampler, get_sampler
@@ -234,6 +236,8 @@ class Gemma2CausalLM(CheckedTraining, keras.Model):
         top_p=None,
         min_p=None,
         sliding_window_size=None,
+        draft_model=None,
+        num_draft_tokens=None,
     ):
         """Continue prompts: strings (tokenized with BOS) or token ids, one or a batch.
 
@@ -246,6 +250,11 @@ class Gemma2CausalLM(CheckedTraining, keras.Model):
         result. `max_length` counts the longest prompt plus new tokens.
         `sliding_window_size` overrides the window at inference time. `sampler`
         defaults to the one given to `compile(sampler=...)`, else "greedy".
+        `draft_model` (a smaller Gemma2CausalLM with the same vocabulary, e.g. a
+        distilled student): speculative decoding, `num_draft_tokens` (default 4)
+        proposed per pass of this model; greedy output is identical, sampled
+        output has this model's distribution (`generator.last_speculation`
+        holds the acceptance counts).
         """
         # Everything is checked before anything compiles.
         request = build_request(
@@ -256,7 +265,13 @@ class Gemma2CausalLM(CheckedTraining, keras.Model):
             sampler, compiled_seed = getattr(self, "_compiled_sampler", ("greedy", None))
             seed = compiled_seed if seed is None else seed
         sampler = get_sampler(sampler, temperature, top_k, top_p, min_p)
-        check_output_options(seed, return_logprobs, stream, beam=not isinstance(sampler, Sampler))
+        beam = not isinstance(sampler, Sampler)
+        check_output_options(seed, return_logprobs, stream, beam=beam)
+        num_draft_tokens = speculative.check_draft(self, draft_model, num_draft_tokens, beam)
+        if draft_model is not None:
+            speculative.check_room(draft_model, max(map(len, request.prompts)), request.max_new_tokens,
+                                   num_draft_tokens)
+            request = dataclasses.replace(request, draft=draft_model, num_draft_tokens=num_draft_tokens)
         return results.generate(self, request, sampler, seed, return_logprobs, stream)
 
     def default_stop_token_ids(self):
@@ -282,6 +297,41 @@ class Gemma2CausalLM(CheckedTraining, keras.Model):
             raise ValueError("chat() needs a tokenizer: load a preset that has one.")
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return self.generate(prompt, **generate_kwargs)
+
+    def start_chat(
+        self,
+        messages=None,
+        *,
+        max_new_tokens=None,
+        sampler=None,
+        seed=None,
+        stop_token_ids="auto",
+        stop_strings=None,
+        temperature=None,
+        top_k=None,
+        top_p=None,
+        min_p=None,
+        sliding_window_size=None,
+        on_overflow="error",
+    ):
+        """A `Conversation` that keeps its KV cache between turns: `conversation.send("Hi")`.
+
+        Each turn prefills only its new message; the model's previous reply is
+        already in the cache. `messages`: earlier turns (a system message is
+        merged into the first user turn, as in `chat`). The other settings are
+        generate's, for every turn (`max_new_tokens` per reply, default 256;
+        `send(max_new_tokens=)` changes one turn's). `on_overflow`: "error"
+        refuses a turn that would outgrow the context, "drop_oldest" drops the
+        oldest turns to make room (then prefills what is left once).
+        """
+        if sampler is None:
+            sampler, compiled_seed = getattr(self, "_compiled_sampler", ("greedy", None))
+            seed = compiled_seed if seed is None else seed
+        sampler = get_sampler(sampler, temperature, top_k, top_p, min_p)
+        return Conversation(
+            self, messages, max_new_tokens, sampler, seed, stop_token_ids, stop_strings,
+            sliding_window_size, on_overflow,
+        )
 
     # ---- LoRA -------------------------------------------------------------
     def enable_lora(self, rank, target_layers=("query", "value"), alpha=None):

@@ -106,7 +106,12 @@ def _load_for_text(args):
 
 def _generate(args):
     options = _generation_kwargs(args)
+    if args.num_draft_tokens is not None and args.draft is None:
+        raise ValueError("--num-draft-tokens is for speculative decoding: give --draft PRESET too.")
     model = _load_for_text(args)
+    if args.draft is not None:
+        options["draft_model"] = keras_gemma2.from_preset(args.draft, dtype=args.dtype, quantize=args.quantize)
+        options["num_draft_tokens"] = args.num_draft_tokens
     for piece in model.generate(args.prompt, stream=True, **options):
         print(piece, end="", flush=True)
     print()
@@ -188,18 +193,17 @@ def _chat(args):
         return _chat_with_bundle(args)
     options = _generation_kwargs(args)
     model = _load_for_text(args)
-    messages = []
+    # The conversation keeps its KV cache: each turn prefills only the new message.
+    conversation = model.start_chat(**options, on_overflow="drop_oldest")
 
     def reply(line):
-        messages.append({"role": "user", "content": line})
-        prompt = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        pieces = []
-        for piece in model.generate(prompt, stream=True, **options):
-            pieces.append(piece)
-            yield piece
-        messages.append({"role": "model", "content": "".join(pieces)})
+        dropped = conversation.dropped_turns
+        yield from conversation.send(line, stream=True)
+        if conversation.dropped_turns > dropped:
+            print(f"\n(dropped the {conversation.dropped_turns - dropped} oldest turn(s) to stay within the "
+                  f"model's context of {model.config.max_sequence_length} tokens)", file=sys.stderr, flush=True)
 
-    _chat_loop("Chat with Gemma 2.", reply, reset=messages.clear)
+    _chat_loop("Chat with Gemma 2.", reply, conversation.reset)
 
 
 def _chat_with_bundle(args):
@@ -701,6 +705,11 @@ def build_parser():
     generate = commands.add_parser("generate", help="continue a prompt, streaming the text")
     _add_generation_options(generate)
     generate.add_argument("prompt")
+    generate.add_argument("--draft", default=None,
+                          help="speculative decoding: a smaller preset with the same tokenizer proposes "
+                               "tokens that --preset checks (same output; default: none)")
+    generate.add_argument("--num-draft-tokens", type=int, default=None,
+                          help="tokens the draft proposes per pass of the model (default: 4 with --draft)")
     generate.set_defaults(run=_generate)
 
     chat = commands.add_parser(

@@ -64,6 +64,22 @@ class Context:
         self.tmp = str(tmp_path)
         self.out = os.path.join(self.tmp, "out")  # where save rows write (must stay absent)
 
+    # Drafts a target cannot use (speculative decoding rows).
+    @property
+    def other_vocabulary(self):
+        return Gemma2CausalLM(Gemma2Backbone(TINY.replace(vocabulary_size=96)))
+
+    @property
+    def other_tokenizer(self):
+        from helpers import train_test_sentencepiece
+
+        path = train_test_sentencepiece(os.path.join(self.tmp, "other-tokenizer"), split_digits=False)
+        return Gemma2CausalLM(Gemma2Backbone(TINY), tokenizer=Gemma2Tokenizer(path))
+
+    @property
+    def short(self):
+        return Gemma2CausalLM(Gemma2Backbone(TINY.replace(max_sequence_length=32, sliding_window_size=4)))
+
     def preset(self):
         copy = os.path.join(self.tmp, "preset")
         shutil.copytree(self.saved_preset, copy)
@@ -202,6 +218,22 @@ GENERATE = [
     row("prompt_of_wrong_type", gen(5), V, "prompts"),
     row("text_without_tokenizer", lambda c: c.bare.generate("hi"), V, "tokenizer"),
     row("unknown_keyword", gen(temprature=0.8), TypeError, "temprature"),
+    # speculative decoding
+    row("draft_not_a_model", gen(draft_model="gemma2_demo"), TypeError, "draft_model", "str"),
+    row("draft_is_the_model", lambda c: c.model.generate(PROMPT, draft_model=c.model), V, "draft_model"),
+    row("draft_other_vocabulary", lambda c: c.model.generate(PROMPT, draft_model=c.other_vocabulary), V,
+        "vocabulary", "96", "128"),
+    row("draft_other_tokenizer", lambda c: c.model.generate(PROMPT, draft_model=c.other_tokenizer), V,
+        "tokenizer differs"),
+    row("draft_tokens_zero", lambda c: c.model.generate(PROMPT, draft_model=c.bare, num_draft_tokens=0), V,
+        "num_draft_tokens", "[1, 16]"),
+    row("draft_tokens_float", lambda c: c.model.generate(PROMPT, draft_model=c.bare, num_draft_tokens=2.0), V,
+        "num_draft_tokens"),
+    row("draft_tokens_without_draft", gen(num_draft_tokens=3), V, "num_draft_tokens", "draft_model"),
+    row("draft_with_beam", lambda c: c.model.generate(PROMPT, draft_model=c.bare, sampler="beam"), V,
+        "beam", "draft_model"),
+    row("draft_context_too_short", lambda c: c.model.generate(PROMPT, max_new_tokens=40, draft_model=c.short),
+        V, "draft model's context", "32"),
 ]
 
 CHAT = [
@@ -213,6 +245,22 @@ CHAT = [
         "temperature", "sampler='temperature'"),
     row("chat_lone_surrogate", lambda c: c.model.chat([{"role": "user", "content": "\ud800"}]), V, "surrogate"),
     row("chat_without_tokenizer", lambda c: c.bare.chat(MESSAGES), V, "tokenizer"),
+    row("start_chat_without_tokenizer", lambda c: c.bare.start_chat(), V, "tokenizer"),
+    row("start_chat_beam", lambda c: c.model.start_chat(sampler="beam"), V, "beam", "model.chat"),
+    row("start_chat_on_overflow", lambda c: c.model.start_chat(on_overflow="truncate"), V,
+        "on_overflow", "'drop_oldest'"),
+    row("start_chat_bad_history", lambda c: c.model.start_chat([{"role": "bot", "content": "x"}]), V, "'bot'"),
+    row("start_chat_budget", lambda c: c.model.start_chat(max_new_tokens=0), V, "max_new_tokens"),
+    row("start_chat_window", lambda c: c.model.start_chat(sliding_window_size=0), V, "sliding_window_size"),
+    row("start_chat_stop_ids", lambda c: c.model.start_chat(stop_token_ids=[500]), V, "stop_token_ids"),
+    row("start_chat_seed", lambda c: c.model.start_chat(sampler="top_k", seed=-1), V, "seed"),
+    row("send_not_text", lambda c: c.model.start_chat().send(["hi"]), TypeError, "send()", "list"),
+    row("send_empty", lambda c: c.model.start_chat().send("  "), V, "Empty message"),
+    row("send_budget", lambda c: c.model.start_chat().send("hi", max_new_tokens=64), V, "max_new_tokens", "64"),
+    row("send_over_the_context", lambda c: c.model.start_chat().send("hi " * 40), V,
+        "does not fit", "on_overflow='drop_oldest'"),
+    row("send_stream_logprobs", lambda c: c.model.start_chat().send("hi", stream=True, return_logprobs=True),
+        V, "return_logprobs"),
 ]
 
 SCORE = [

@@ -45,16 +45,27 @@ def test_chat_is_multi_turn(tiny_text_preset, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello\nAnd then?\n/exit\n"))
     assert main(["chat", "--preset", path, "--max-new-tokens", "6"]) == 0
     out = capsys.readouterr().out
-    first = model.chat([{"role": "user", "content": "Hello"}], max_new_tokens=6)
-    second = model.chat(
-        [
-            {"role": "user", "content": "Hello"},
-            {"role": "model", "content": first},
-            {"role": "user", "content": "And then?"},
-        ],
-        max_new_tokens=6,
-    )
+    conversation = model.start_chat(max_new_tokens=6)  # the same conversation, its cache kept
+    first, second = conversation.send("Hello"), conversation.send("And then?")
     assert f"model> {first}\n" in out and f"model> {second}\n" in out
+
+
+def test_generate_with_a_draft_prints_the_same_text(tiny_text_preset, capsys):
+    path, model = tiny_text_preset
+    assert main(["generate", "--preset", path, "--draft", path, "--num-draft-tokens", "3",
+                 "--max-new-tokens", "9", "def add("]) == 0
+    assert capsys.readouterr().out == model.generate("def add(", max_new_tokens=9) + "\n"
+    assert main(["generate", "--preset", path, "--num-draft-tokens", "3", "def add("]) == 2
+    assert "--draft PRESET" in capsys.readouterr().err
+
+
+def test_a_long_chat_drops_its_oldest_turns_and_says_so(tiny_text_preset, capsys, monkeypatch):
+    path, _ = tiny_text_preset  # a 64-token context: the third turn does not fit beside the first
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\nAnd then?\nok\nmore\n/exit\n"))
+    assert main(["chat", "--preset", path, "--max-new-tokens", "6"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("model> ") == 4
+    assert "(dropped the 1 oldest turn(s) to stay within the model's context of 64 tokens)" in captured.err
 
 
 def test_errors_are_reported_not_raised(capsys):

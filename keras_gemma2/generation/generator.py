@@ -14,7 +14,8 @@ import numpy as np
 from keras import ops
 
 from keras_gemma2 import backend
-from keras_gemma2.generation import samplers
+from keras_gemma2.generation import samplers, speculative
+from keras_gemma2.generation.steps import decode_step, prefill
 from keras_gemma2.model import kv_cache
 
 MIN_BUCKET = 16
@@ -48,24 +49,6 @@ def stop_slots(stop_ids):
     slots = np.full((max(len(stop_ids), MIN_STOP_SLOTS),), -1, "int32")
     slots[: len(stop_ids)] = stop_ids
     return slots
-
-
-def prefill(backbone, layout, prompt, padding):
-    """Left-padded prompts [B, bucket] into empty caches: (float32 logits of the last index, caches).
-
-    Row b's pad tokens get negative positions, so nothing attends to them.
-    """
-    caches = layout.new_caches(backbone.config, ops.shape(prompt)[0], backbone.compute_dtype)
-    positions = ops.arange(prompt.shape[1], dtype="int32")[None, :] - padding[:, None]
-    hidden, caches = backbone.forward_pass(prompt, positions, caches, 0, layout)
-    return backbone.logits(hidden[:, -1:])[:, 0], caches
-
-
-def decode_step(backbone, layout, token, padding, caches, index):
-    """One token per row, `token` [B], at cache index `index`: (float32 logits [B, vocab], caches)."""
-    positions = index - padding[:, None]
-    hidden, caches = backbone.forward_pass(token[:, None], positions, caches, index, layout)
-    return backbone.logits(hidden)[:, 0], caches
 
 
 class Generator:
@@ -104,7 +87,71 @@ class Generator:
         layout = kv_cache.CacheLayout.rings(
             backbone.config.replace(sliding_window_size=window), cache_length
         )
+        first_token, run = self.sampling_loop(layout, sampler_kind)
         capacity = cache_length - bucket  # the most new tokens this program can give
+
+        def start(prompt, padding, stop, settings, seed):
+            """Prefill and the first token: all time-to-first-token costs, nothing more."""
+            self.count_trace()
+            logits, caches = prefill(backbone, layout, prompt, padding)
+            return first_token(logits, caches, padding, bucket, capacity, stop, settings, seed)
+
+        return self._compile(start), self._compile(run, donate_first=True)
+
+    def continuation(self, cache_length, chunk_bucket, sampler_kind, window, stop_count):
+        """(extend, decode loop) for a conversation's full-length cache of `cache_length` slots.
+
+        `extend(caches, chunk [1, chunk_bucket], length, index, stop, settings,
+        seed)` writes the chunk's first `length` tokens (the rest is padding)
+        at cache index `index` and samples the first reply token; `decode` is
+        generate's loop. A full-length cache holds index t in slot t, so
+        padding written past the end is later than every query (causality
+        hides it) and is overwritten by the next chunk, and dropping the tail
+        (a reply cut at a stop string) is just a shorter transcript.
+        """
+        layout = kv_cache.CacheLayout.full(
+            self.model.config.replace(sliding_window_size=window), cache_length
+        )
+        decode = self.cached(
+            ("continue-decode", cache_length, sampler_kind, window, stop_count),
+            lambda: self._compile(self.sampling_loop(layout, sampler_kind)[1], donate_first=True),
+        )
+        extend = self.cached(
+            ("continue", chunk_bucket, cache_length, sampler_kind, window, stop_count),
+            lambda: self._build_extend(layout, sampler_kind),
+        )
+        return extend, decode
+
+    def _build_extend(self, layout, sampler_kind):
+        backbone = self.model.backbone
+        first_token, _ = self.sampling_loop(layout, sampler_kind)
+        capacity = layout.slots[0]
+
+        def extend(caches, chunk, length, index, stop, settings, seed):
+            """A right-padded chunk into the caches, then the first reply token (turn k's TTFT)."""
+            self.count_trace()
+            positions = index + ops.arange(chunk.shape[1], dtype="int32")[None, :]
+            hidden, caches = backbone.forward_pass(chunk, positions, caches, index, layout)
+            last = ops.slice(hidden, [0, length - 1, 0], (hidden.shape[0], 1, hidden.shape[2]))
+            padding = ops.zeros((chunk.shape[0],), "int32")
+            return first_token(
+                backbone.logits(last)[:, 0], caches, padding, index + length, capacity, stop, settings, seed
+            )
+
+        return self._compile(extend, donate_first=True)
+
+    def _compile(self, function, donate_first=False):
+        return backend.compile_function(function, self.model.backbone.variables, donate_first=donate_first)
+
+    def sampling_loop(self, layout, sampler_kind):
+        """(first_token, run) over caches held as `layout` says, for one sampler kind.
+
+        `first_token` samples step 0 from the logits after a prefill and makes
+        the loop's state; `run(state, seed, stop_at)` is the decode loop. Token
+        t of the reply is fed at cache index `base + t - 1`, `base` (a state
+        value) being where the reply starts.
+        """
+        backbone = self.model.backbone
 
         def choose(logits, step, seed, tokens, logprobs, done, stop, settings):
             """Sample step `step`'s token per row; finished rows get 0 (never fed back)."""
@@ -116,11 +163,8 @@ class Generator:
             done = ops.logical_or(done, ops.any(token[:, None] == stop[None, :], axis=-1))
             return token, tokens, logprobs, done
 
-        def start(prompt, padding, stop, settings, seed):
-            """Prefill and the first token: all time-to-first-token costs, nothing more."""
-            self.count_trace()
-            batch = ops.shape(prompt)[0]
-            logits, caches = prefill(backbone, layout, prompt, padding)
+        def first_token(logits, caches, padding, base, capacity, stop, settings, seed):
+            batch = ops.shape(logits)[0]
             token, tokens, logprobs, done = choose(
                 logits, ops.zeros((), "int32"), seed,
                 ops.zeros((batch, capacity), "int32"),
@@ -129,7 +173,8 @@ class Generator:
             )
             return {
                 "step": ops.ones((), "int32"), "token": token, "caches": caches, "padding": padding,
-                "tokens": tokens, "logprobs": logprobs, "done": done, "stop": stop, "settings": settings,
+                "base": ops.convert_to_tensor(base, "int32"), "tokens": tokens, "logprobs": logprobs,
+                "done": done, "stop": stop, "settings": settings,
             }
 
         def run(state, seed, stop_at):
@@ -145,7 +190,7 @@ class Generator:
 
             def body(step, token, caches, tokens, logprobs, done):
                 logits, caches = decode_step(
-                    backbone, layout, token, state["padding"], caches, bucket + step - 1
+                    backbone, layout, token, state["padding"], caches, state["base"] + step - 1
                 )
                 token, tokens, logprobs, done = choose(
                     logits, step, seed, tokens, logprobs, done, state["stop"], state["settings"]
@@ -156,45 +201,76 @@ class Generator:
             loop = ops.while_loop(cond, body, tuple(state[name] for name in names))
             return {**state, **dict(zip(names, loop))}
 
-        variables = backbone.variables
-        return (
-            backend.compile_function(start, variables),
-            backend.compile_function(run, variables, donate_first=True),
-        )
+        return first_token, run
 
     # ---- host side ----------------------------------------------------------
-    def prepare(self, prompts, max_new_tokens, sampler, stop_ids, window):
+    def prepare(self, prompts, max_new_tokens, sampler, stop_ids, window, draft=None, num_draft_tokens=None):
         """(start, decode, start's inputs but the seed) for one request, compiled on first use.
 
         `start(*inputs, seed)` prefills and samples the first token; `decode(state,
         seed, stop_at)` continues to step `stop_at` (benchmarks/generate.py times the two).
+        With a `draft` model, decode is speculative (`speculative.build`).
         """
         context = self.model.config.max_sequence_length
         padded, padding, bucket = left_pad(prompts, max_new_tokens, context)
-        cache_length = power_of_two_bucket(bucket + max_new_tokens, 2 * MIN_BUCKET, context)
+        spare = 0 if draft is None else num_draft_tokens + 1  # one round may run past the budget
+        cache_length = power_of_two_bucket(bucket + max_new_tokens + spare, 2 * MIN_BUCKET, context)
         stop = stop_slots(stop_ids)
         kind = sampler.kind(self.model.config.vocabulary_size)
-        start, decode = self.functions(len(prompts), bucket, cache_length, kind, window, len(stop))
+        if draft is None:
+            start, decode = self.functions(len(prompts), bucket, cache_length, kind, window, len(stop))
+        else:
+            key = ("speculative", speculative.draft_key(draft), num_draft_tokens, len(prompts), bucket,
+                   cache_length, kind, window, len(stop))
+            start, decode = self.cached(key, lambda: speculative.build(
+                self, draft, bucket, cache_length, kind, window, num_draft_tokens
+            ))
         inputs = (padded, padding, stop, sampler.settings())
         return start, decode, tuple(ops.convert_to_tensor(value) for value in inputs)
 
-    def run(self, prompts, max_new_tokens, sampler, stop_ids, seed, window, chunk=None):
-        """Yield (tokens [B, n], logprobs [B, n], done [B]) after each chunk (one chunk if None)."""
-        start, decode, inputs = self.prepare(prompts, max_new_tokens, sampler, stop_ids, window)
-        seed = ops.convert_to_tensor(np.int32(seed if seed is not None else np.random.randint(2**31 - 1)))
-        state = start(*inputs, seed)
-        step = 1  # `start` sampled the first token
-        while True:
-            done = np.asarray(ops.convert_to_numpy(state["done"]))
-            finished = step >= max_new_tokens or done.all()
-            if finished or chunk is not None:
-                yield (
-                    np.asarray(ops.convert_to_numpy(state["tokens"]))[:, :step],
-                    np.asarray(ops.convert_to_numpy(state["logprobs"]))[:, :step],
-                    done,
-                )
-            if finished:
-                return
-            stop_at = max_new_tokens if chunk is None else min(step + chunk, max_new_tokens)
-            state = decode(state, seed, ops.convert_to_tensor(np.int32(stop_at)))
-            step = int(ops.convert_to_numpy(state["step"]))
+    def run(self, prompts, max_new_tokens, sampler, stop_ids, seed, window, chunk=None,
+            draft=None, num_draft_tokens=None):
+        """Yield (tokens [B, n], logprobs [B, n], done [B]) after each chunk (one chunk if None).
+
+        A speculative run leaves its acceptance counts in `self.last_speculation`.
+        """
+        start, decode, inputs = self.prepare(
+            prompts, max_new_tokens, sampler, stop_ids, window, draft, num_draft_tokens
+        )
+        for tokens, logprobs, done, state in drive(start, inputs, decode, max_new_tokens, seed, chunk):
+            if draft is not None:
+                self.last_speculation = speculative.acceptance(state, num_draft_tokens)
+            yield tokens, logprobs, done
+
+
+def runtime_seed(seed):
+    """The seed as the loop's int32 input; None draws one."""
+    return ops.convert_to_tensor(np.int32(seed if seed is not None else np.random.randint(2**31 - 1)))
+
+
+def drive(start, inputs, decode, max_new_tokens, seed, chunk=None):
+    """Run `start(*inputs, seed)`, then the decode loop to `max_new_tokens`.
+
+    Yields (tokens [B, n], logprobs [B, n], done [B], state) after each
+    `chunk` steps (once, at the end, if None); `state` is the loop's latest
+    (a conversation keeps its caches).
+    """
+    seed = runtime_seed(seed)
+    state = start(*inputs, seed)
+    step = 1  # `start` sampled the first token
+    while True:
+        done = np.asarray(ops.convert_to_numpy(state["done"]))
+        finished = step >= max_new_tokens or done.all()
+        if finished or chunk is not None:
+            shown = min(step, max_new_tokens)  # a speculative round may pass the budget
+            yield (
+                np.asarray(ops.convert_to_numpy(state["tokens"]))[:, :shown],
+                np.asarray(ops.convert_to_numpy(state["logprobs"]))[:, :shown],
+                done,
+                state,
+            )
+        if finished:
+            return
+        stop_at = max_new_tokens if chunk is None else min(step + chunk, max_new_tokens)
+        state = decode(state, seed, ops.convert_to_tensor(np.int32(stop_at)))
+        step = int(ops.convert_to_numpy(state["step"]))

@@ -29,6 +29,8 @@ class GenerationRequest:
     stop_ids: tuple
     stop_strings: tuple
     window: int
+    draft: object = None  # a Gemma2CausalLM proposing tokens (speculative decoding)
+    num_draft_tokens: int = None
 
 
 def default_stop_ids(tokenizer, vocabulary_size):
@@ -62,12 +64,31 @@ def build_request(
         prompts, single = _token_prompts(inputs, config.vocabulary_size)
     longest = max(len(p) for p in prompts)
     max_new_tokens = _new_token_budget(config.max_sequence_length, longest, max_length, max_new_tokens)
-    stop_ids = _stop_ids(
-        default_stop_ids(tokenizer, config.vocabulary_size)
-        if isinstance(stop_token_ids, str) and stop_token_ids == "auto"
-        else stop_token_ids,
-        config.vocabulary_size,
+    stop_ids = stop_id_tuple(stop_token_ids, tokenizer, config.vocabulary_size)
+    stop_strings = stop_string_tuple(stop_strings, tokenizer)
+    if stream and len(prompts) != 1:
+        raise ValueError("Streaming (stream=...) generates one prompt at a time; pass a single prompt.")
+    window = check_window(window, config)
+    return GenerationRequest(
+        prompts=prompts,
+        is_text=is_text,
+        single=single,
+        max_new_tokens=max_new_tokens,
+        stop_ids=stop_ids,
+        stop_strings=stop_strings,
+        window=window,
     )
+
+
+def stop_id_tuple(stop_token_ids, tokenizer, vocabulary_size):
+    """generate's `stop_token_ids` ("auto": <eos> and <end_of_turn>) as a sorted tuple of checked ids."""
+    if isinstance(stop_token_ids, str) and stop_token_ids == "auto":
+        stop_token_ids = default_stop_ids(tokenizer, vocabulary_size)
+    return _stop_ids(stop_token_ids, vocabulary_size)
+
+
+def stop_string_tuple(stop_strings, tokenizer):
+    """generate's `stop_strings` (None, one string or a list) as a tuple of non-empty strings."""
     if isinstance(stop_strings, str):
         stop_strings = (stop_strings,)  # one stop string, not its characters
     if stop_strings is None:
@@ -80,22 +101,17 @@ def build_request(
         )
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to read the text.")
-    if stream and len(prompts) != 1:
-        raise ValueError("Streaming (stream=...) generates one prompt at a time; pass a single prompt.")
+    return tuple(stop_strings)
+
+
+def check_window(window, config):
+    """The sliding window used at inference: `window`, or the config's when None."""
     window = config.sliding_window_size if window is None else window
     if isinstance(window, bool) or not isinstance(window, int) or not 0 < window <= config.max_sequence_length:
         raise ValueError(
             f"sliding_window_size must be an integer in [1, {config.max_sequence_length}], got {window!r}."
         )
-    return GenerationRequest(
-        prompts=prompts,
-        is_text=is_text,
-        single=single,
-        max_new_tokens=max_new_tokens,
-        stop_ids=stop_ids,
-        stop_strings=tuple(stop_strings),
-        window=window,
-    )
+    return window
 
 
 def _token_prompts(inputs, vocabulary_size):

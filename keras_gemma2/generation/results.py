@@ -49,12 +49,26 @@ def generate(model, request, sampler, seed, return_logprobs, stream):
     if not isinstance(sampler, Sampler):  # beam search
         tokens, logprobs = beam_search(model, request, sampler)
         return finish(request, model.tokenizer, tokens, logprobs, return_logprobs)
-    if stream is True:
-        return stream_text(model.generator, model.tokenizer, request, sampler, seed)
-    if callable(stream):
-        pieces = stream_text(model.generator, model.tokenizer, request, sampler, seed)
-        return "".join([stream(piece) or piece for piece in pieces])
+    if stream:
+        rows = model.generator.run(
+            request.prompts, request.max_new_tokens, sampler, request.stop_ids, seed, request.window, chunk=1,
+            draft=request.draft, num_draft_tokens=request.num_draft_tokens,
+        )
+        pieces = stream_text(rows, model.tokenizer, request)
+        return pieces if stream is True else hand_each(stream, pieces)
     return complete(model.generator, model.tokenizer, request, sampler, seed, return_logprobs)
+
+
+def hand_each(callback, pieces):
+    """Call `callback` with each text piece as it comes (its return value unused); the whole text."""
+    text = []
+    try:
+        for piece in pieces:
+            callback(piece)
+            text.append(piece)
+    finally:
+        pieces.close()
+    return "".join(text)
 
 
 def finish(request, tokenizer, tokens, logprobs, return_logprobs):
@@ -81,25 +95,26 @@ def complete(generator, tokenizer, request, sampler, seed, return_logprobs):
     """Run the compiled loop to the end, then `finish`."""
     tokens, logprobs, _ = list(
         generator.run(
-            request.prompts, request.max_new_tokens, sampler, request.stop_ids, seed, request.window
+            request.prompts, request.max_new_tokens, sampler, request.stop_ids, seed, request.window,
+            draft=request.draft, num_draft_tokens=request.num_draft_tokens,
         )
     )[-1]
     return finish(request, tokenizer, tokens, logprobs, return_logprobs)
 
 
-def stream_text(generator, tokenizer, request, sampler, seed):
-    """Yield text pieces as the compiled loop produces tokens (one token per chunk)."""
+def stream_text(rows, tokenizer, request):
+    """Yield text pieces from (tokens [1, n], logprobs, done) rows as the loop produces tokens."""
     if tokenizer is None:
         raise ValueError("Streaming text needs a tokenizer.")
     emitted = ""
-    for tokens, logprobs, _ in generator.run(
-        request.prompts, request.max_new_tokens, sampler, request.stop_ids,
-        seed, request.window, chunk=1,
-    ):
-        ids, _ = trim_at_stop(tokens[0], logprobs[0], request.stop_ids)
-        text, found = cut_at_stop_string(tokenizer.detokenize(ids), request.stop_strings)
-        if text.startswith(emitted) and len(text) > len(emitted):
-            yield text[len(emitted):]
-            emitted = text
-        if found:
-            return
+    try:
+        for tokens, logprobs, _ in rows:
+            ids, _ = trim_at_stop(tokens[0], logprobs[0], request.stop_ids)
+            text, found = cut_at_stop_string(tokenizer.detokenize(ids), request.stop_strings)
+            if text.startswith(emitted) and len(text) > len(emitted):
+                yield text[len(emitted):]
+                emitted = text
+            if found:
+                return
+    finally:
+        rows.close()  # the loop stops with the text (a conversation keeps what was generated)

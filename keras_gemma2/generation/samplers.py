@@ -117,6 +117,12 @@ def select(kind, logits, seed, settings):
     """Token ids [batch] from float32 logits [batch, vocab]: `kind` static, `settings` a tensor."""
     if kind[0] == "greedy":
         return ops.cast(ops.argmax(logits, axis=-1), "int32")
+    return backend.stateless_categorical(filtered_logits(kind, logits, settings), seed)
+
+
+def filtered_logits(kind, logits, settings):
+    """The logits a sampling `kind` draws from [batch, vocab]: scaled by the temperature,
+    tokens outside top-k / top-p / min-p set to a large negative value."""
     _, top_k_candidates, top_p, min_p = kind
     logits = logits / settings[0]
     if top_k_candidates is not None:
@@ -136,7 +142,7 @@ def select(kind, logits, seed, settings):
         probabilities = ops.softmax(logits, axis=-1)
         floor = settings[3] * ops.max(probabilities, axis=-1, keepdims=True)
         logits = ops.where(probabilities < floor, _REMOVED, logits)
-    return backend.stateless_categorical(logits, seed)
+    return logits
 
 
 SAMPLER_NAMES = ("greedy", "temperature", "top_k", "top_p", "min_p", "beam")

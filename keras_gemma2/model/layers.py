@@ -79,16 +79,40 @@ def soft_cap(x, cap):
     return ops.tanh(x / cap) * cap
 
 
+# Chunks of at most this many positions put the kernel first: one-token decode steps and
+# speculative verification (num_draft_tokens + 1 <= 17 positions).
+KERNEL_FIRST_POSITIONS = 17
+_kernel_first_positions = [KERNEL_FIRST_POSITIONS]
+
+
+@contextlib.contextmanager
+def kernel_first_up_to(positions):
+    """Inside, only products of at most `positions` positions put the kernel first.
+
+    LiteRT export traces with 1: its converter and weight tooling expect the plain
+    product for prompt chunks (a FULLY_CONNECTED whose weights it can find).
+    """
+    _kernel_first_positions.append(positions)
+    try:
+        yield
+    finally:
+        _kernel_first_positions.pop()
+
+
 def rows_times_transposed(inputs, kernel):
     """`inputs @ kernel^T`: [batch, seq, in] x [out, in] -> [batch, seq, out].
 
-    For one position (decoding) the kernel is the left operand and the small
-    [out, batch, 1] result is transposed: with the kernel on the right, a
-    whole batch-8 decode step ran ~1.5x slower under XLA:CPU (JAX and
-    TensorFlow; torch ~6%), and XLA copied the transposed vocabulary table
-    every step. The TFLite converter still makes a FULLY_CONNECTED of it.
+    For a few positions (decoding, verifying draft tokens) the kernel is the
+    left operand and the small [out, batch, seq] result is transposed: with
+    the kernel on the right, a whole batch-8 decode step ran ~1.5x slower
+    under XLA:CPU (JAX and TensorFlow; torch ~6%), a 148M model's 2- and
+    5-position passes ~1.5x and ~1.3x slower, and XLA copied the transposed
+    vocabulary table every step. The TFLite converter still makes a
+    FULLY_CONNECTED of a one-position product; longer chunks (prefill,
+    export's prompt buckets of 32 and more) keep the plain product.
     """
-    if len(inputs.shape) == 3 and inputs.shape[1] == 1:
+    seq = inputs.shape[1] if len(inputs.shape) == 3 else None
+    if seq is not None and seq <= _kernel_first_positions[-1]:
         return ops.transpose(ops.einsum("fd,btd->fbt", kernel, inputs), (1, 2, 0))
     return ops.einsum("btd,fd->btf", inputs, kernel)
 

@@ -707,7 +707,7 @@ def build_parser():
     generate.add_argument("prompt")
     generate.add_argument("--draft", default=None,
                           help="speculative decoding: a smaller preset with the same tokenizer proposes "
-                               "tokens that --preset checks (same output; default: none)")
+                               "tokens that --preset checks, same output (default: none)")
     generate.add_argument("--num-draft-tokens", type=int, default=None,
                           help="tokens the draft proposes per pass of the model (default: 4 with --draft)")
     generate.set_defaults(run=_generate)

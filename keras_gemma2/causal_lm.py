@@ -261,10 +261,7 @@ class Gemma2CausalLM(CheckedTraining, keras.Model):
             self.config, self.tokenizer, inputs, max_length, max_new_tokens, stop_token_ids,
             stop_strings, stream, sliding_window_size,
         )
-        if sampler is None:
-            sampler, compiled_seed = getattr(self, "_compiled_sampler", ("greedy", None))
-            seed = compiled_seed if seed is None else seed
-        sampler = get_sampler(sampler, temperature, top_k, top_p, min_p)
+        sampler, seed = self._sampler_and_seed(sampler, seed, temperature, top_k, top_p, min_p)
         beam = not isinstance(sampler, Sampler)
         check_output_options(seed, return_logprobs, stream, beam=beam)
         num_draft_tokens = speculative.check_draft(self, draft_model, num_draft_tokens, beam)
@@ -273,6 +270,13 @@ class Gemma2CausalLM(CheckedTraining, keras.Model):
                                    num_draft_tokens)
             request = dataclasses.replace(request, draft=draft_model, num_draft_tokens=num_draft_tokens)
         return results.generate(self, request, sampler, seed, return_logprobs, stream)
+
+    def _sampler_and_seed(self, sampler, seed, temperature, top_k, top_p, min_p):
+        """The Sampler (or BeamSearch) and seed of a request: compile(sampler=...)'s when none is given."""
+        if sampler is None:
+            sampler, compiled_seed = getattr(self, "_compiled_sampler", ("greedy", None))
+            seed = compiled_seed if seed is None else seed
+        return get_sampler(sampler, temperature, top_k, top_p, min_p), seed
 
     def default_stop_token_ids(self):
         """The token ids that end a generated row by default: <eos> and <end_of_turn>.
@@ -324,10 +328,7 @@ class Gemma2CausalLM(CheckedTraining, keras.Model):
         refuses a turn that would outgrow the context, "drop_oldest" drops the
         oldest turns to make room (then prefills what is left once).
         """
-        if sampler is None:
-            sampler, compiled_seed = getattr(self, "_compiled_sampler", ("greedy", None))
-            seed = compiled_seed if seed is None else seed
-        sampler = get_sampler(sampler, temperature, top_k, top_p, min_p)
+        sampler, seed = self._sampler_and_seed(sampler, seed, temperature, top_k, top_p, min_p)
         return Conversation(
             self, messages, max_new_tokens, sampler, seed, stop_token_ids, stop_strings,
             sliding_window_size, on_overflow,

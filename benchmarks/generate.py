@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -62,21 +63,49 @@ MODEL = dict(
 SEED = 0
 BATCHES = (1, 8)
 
-# (label, process kind, keras backend or None)
+# (label, process kind, keras backend or None). "ours-<variant>": keras_gemma2 with
+# torch.compile'd decode steps, bfloat16 weights or int8 weights; "llama-<type>": llama.cpp
+# (benchmarks/setup_llama_cpp.sh) on a GGUF of the same weights, batch 1 only.
 SYSTEMS = (
     ("keras_gemma2 jax (jit)", "ours", "jax"),
     ("keras_gemma2 tensorflow (XLA)", "ours", "tensorflow"),
     ("keras_gemma2 torch (eager)", "ours", "torch"),
+    ("keras_gemma2 torch (torch.compile)", "ours-compiled", "torch"),
+    ("keras_gemma2 jax, bfloat16 weights", "ours-bfloat16", "jax"),
+    ("keras_gemma2 jax, int8 weights", "ours-int8", "jax"),
     ("keras-hub GemmaCausalLM jax (jit)", "kerashub", "jax"),
     ("transformers Gemma2ForCausalLM torch (eager)", "transformers", None),
+    ("llama.cpp f32 (llama-cpp-python)", "llama-f32", None),
+    ("llama.cpp q8_0 (llama-cpp-python)", "llama-q8_0", None),
 )
-KERASHUB = SYSTEMS[3][0]
-TRANSFORMERS = SYSTEMS[4][0]
+KERASHUB = "keras-hub GemmaCausalLM jax (jit)"
+TRANSFORMERS = "transformers Gemma2ForCausalLM torch (eager)"
+OURS_JAX = SYSTEMS[0][0]
+# Systems whose float32 greedy tokens must agree exactly (lower precision may differ).
+FLOAT32_KINDS = ("ours", "ours-compiled", "baseline", "kerashub", "transformers")
+LLAMA_VENV = os.path.join(ROOT, ".venv-llama")
+LLAMA_CONVERTER = os.path.join(LLAMA_VENV, "llama.cpp", "convert_hf_to_gguf.py")
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_flags():
+    """The CPU features (of CPU_FLAGS) this machine has, from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [flag for flag in CPU_FLAGS if flag in flags]
 BANDWIDTH = "memory bandwidth probe"
 CEILING = "XLA weight-products-only loop"
 
 
 # ---- helpers shared by the worker processes ---------------------------------------
+def batches_of(kind):
+    """The batch sizes a system is timed at: llama-cpp-python's generation is one sequence."""
+    return (1,) if kind.startswith("llama") else BATCHES
+
+
 def prompts(batch, length, vocabulary_size):
     """The same random prompts for every system (row 0 is the batch-1 prompt)."""
     import numpy as np
@@ -92,7 +121,7 @@ def warm_up(generate, args, vocabulary_size, compiled=True):
     eager ones on one short call (their first call only initializes kernels).
     """
     warm = {}
-    for batch in BATCHES:
+    for batch in batches_of(args.worker):
         ids = prompts(batch, args.prompt, vocabulary_size)
         warm[batch] = {}
         for new in (1, args.new) if compiled else (2,):
@@ -107,7 +136,7 @@ def timed_round(generate, args, vocabulary_size):
     import numpy as np
 
     out = {}
-    for batch in BATCHES:
+    for batch in batches_of(args.worker):
         ids = prompts(batch, args.prompt, vocabulary_size)
         times = {}
         for new in (1, args.new):
@@ -158,8 +187,14 @@ def worker_ours(args):
 
         torch.set_num_threads(args.threads)
 
+    variant = args.worker.partition("-")[2]  # "", "compiled", "bfloat16", "int8"
     begin = time.perf_counter()
-    model = keras_gemma2.from_preset(args.kerashub_dir, dtype="float32")
+    model = keras_gemma2.from_preset(
+        args.kerashub_dir, dtype="bfloat16" if variant == "bfloat16" else "float32",
+        **({"quantize": "int8"} if variant == "int8" else {}),
+    )
+    if variant == "compiled":
+        model.jit_compile = True  # Keras' switch: torch.compile'd decode steps
     load_s = time.perf_counter() - begin
     config = model.config
 
@@ -170,11 +205,11 @@ def worker_ours(args):
     def finish():
         compilations = model.generator.compilations
         return {"compilations": compilations, "split": own_split(model, args),
-                **({} if args.worker == "baseline" else
+                **({} if args.worker != "ours" else
                    {"varied": own_varied_requests(model, args), "chat": own_chat(model, args),
                     "speculative": own_speculative(model, args)})}
 
-    compiled = keras.backend.backend() != "torch"
+    compiled = keras.backend.backend() != "torch" or variant == "compiled"
     serve_generate(args, generate, config.vocabulary_size, compiled, finish, load_s=load_s)
 
 
@@ -578,6 +613,39 @@ def worker_transformers(args):
           cache=str(getattr(model.generation_config, "cache_implementation", None)))
 
 
+def worker_llama(args):
+    """(.venv-llama) llama.cpp on the GGUF of the same weights: greedy, batch 1 only.
+
+    The prompt is evaluated in one batch (n_batch = the prompt), then one token per
+    step, the argmax of the last position's logits, as the other systems do.
+    """
+    import llama_cpp
+    import numpy as np
+
+    begin = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=args.gguf, n_ctx=256, n_batch=args.prompt, n_ubatch=args.prompt,
+                          n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
+    load_s = time.perf_counter() - begin
+
+    def generate(ids, new):
+        rows = []
+        for row in ids:  # called with one row only (BATCHES_OF["llama"])
+            llm.reset()
+            llm.eval([int(t) for t in row])
+            tokens = []
+            for step in range(new):
+                # The last evaluated position's logits (kept without logits_all).
+                logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+                tokens.append(int(logits.argmax()))
+                if step + 1 < new:
+                    llm.eval([tokens[-1]])
+            rows.append(tokens)
+        return np.asarray(rows)
+
+    serve_generate(args, generate, MODEL["vocabulary_size"], False, load_s=load_s,
+                   system_info=llama_cpp.llama_print_system_info().decode())
+
+
 def limit_threads(threads):
     """Run on `threads` CPUs: every framework sizes its thread pools from the affinity mask."""
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
@@ -658,9 +726,10 @@ def worker(args):
         with open(args.output, "w") as f:
             json.dump(prepare(args), f)
         return
+    family = kind.partition("-")[0]
     {"ours": worker_ours, "baseline": worker_ours, "kerashub": worker_kerashub,
-     "transformers": worker_transformers,
-     "bandwidth": worker_bandwidth, "ceiling": worker_matmul_ceiling}[kind](args)
+     "transformers": worker_transformers, "llama": worker_llama,
+     "bandwidth": worker_bandwidth, "ceiling": worker_matmul_ceiling}[family](args)
 
 
 # ---- the driver (no deep-learning framework imported here) ---------------------------
@@ -692,12 +761,15 @@ def _timed(fn):
 
 
 def worker_command(kind, backend, args, output=None):
-    command = [sys.executable, os.path.abspath(__file__), "--worker", kind,
+    python = os.path.join(LLAMA_VENV, "bin", "python") if kind.startswith("llama") else sys.executable
+    command = [python, os.path.abspath(__file__), "--worker", kind,
                "--kerashub-dir", args.kerashub_dir, "--hf-dir", args.hf_dir, "--chat-tokenizer", args.chat_tokenizer,
                "--threads", str(args.threads), "--weight-bytes", str(args.weight_bytes),
                "--split-repeats", str(args.split_repeats), "--prompt", str(args.prompt), "--new", str(args.new)]
     if output:
         command += ["--output", output]
+    if kind.startswith("llama"):
+        command += ["--gguf", args.gguf[kind.partition("-")[2]]]
     env = dict(os.environ)
     root = args.baseline if kind == "baseline" else ROOT
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -767,13 +839,38 @@ class Worker:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def convert_gguf(args, directory):
+    """{"f32": path, "q8_0": path}: llama.cpp's converter on the transformers-format copy, or {}.
+
+    The converter (from the same llama-cpp-python sdist, benchmarks/setup_llama_cpp.sh)
+    runs under this interpreter (it needs torch and safetensors); the 32000-piece
+    SentencePiece model of the chat benchmark stands in as the GGUF's vocabulary.
+    """
+    if args.no_llama or not os.path.exists(LLAMA_CONVERTER):
+        print("[llama.cpp] skipped: run benchmarks/setup_llama_cpp.sh to include it", flush=True)
+        return {}
+    shutil.copy(args.chat_tokenizer, os.path.join(args.hf_dir, "tokenizer.model"))
+    environment = {**os.environ, "PYTHONPATH": os.path.join(LLAMA_VENV, "llama.cpp", "gguf-py")}
+    files = {}
+    for outtype in ("f32", "q8_0"):
+        path = os.path.join(directory, f"model-{outtype}.gguf")
+        process = subprocess.run([sys.executable, LLAMA_CONVERTER, args.hf_dir, "--outtype", outtype,
+                                  "--outfile", path], env=environment, capture_output=True, text=True)
+        if process.returncode != 0:
+            print(f"[llama.cpp] converting to {outtype} FAILED:\n" + process.stderr[-3000:], flush=True)
+            return {}
+        files[outtype] = path
+    return files
+
+
 def run_rounds(args, directory):
     """Warm every system up one at a time, then time them in interleaved rounds.
 
     Returns ({label: result or None}, bandwidth samples, {batch: ceiling tok/s} or None,
     cores other processes used during the rounds).
     """
-    entries = [*SYSTEMS, (BANDWIDTH, "bandwidth", None), (CEILING, "ceiling", "jax")]
+    entries = [entry for entry in SYSTEMS if not entry[1].startswith("llama") or args.gguf]
+    entries += [(BANDWIDTH, "bandwidth", None), (CEILING, "ceiling", "jax")]
     workers, ready = {}, {}
     for label, kind, backend in entries:
         begin = time.perf_counter()
@@ -808,7 +905,7 @@ def run_rounds(args, directory):
         except RuntimeError as error:
             print(error, flush=True)
     results = {}
-    for label, _, _ in SYSTEMS:
+    for label, kind, _ in SYSTEMS:
         if label not in finished:
             results[label] = None
             continue
@@ -820,7 +917,7 @@ def run_rounds(args, directory):
                 "t1_s": [r[str(batch)]["t1_s"] for r in rounds[label]],
                 "tN_s": [r[str(batch)]["tN_s"] for r in rounds[label]],
                 "tokens": rounds[label][-1][str(batch)]["tokens"],
-            } for batch in BATCHES}}
+            } for batch in batches_of(kind)}}
     samples = [r["read_gbs_copy_gbs"] for r in rounds.get(BANDWIDTH, [])] if BANDWIDTH in finished else []
     ceiling = {batch: median([r["tok_s"][str(batch)] for r in rounds[CEILING]])
                for batch in BATCHES} if CEILING in finished else None
@@ -930,23 +1027,37 @@ def main(args):
         why = f"--threads; other processes were using {foreign:.2f} cores"
     say(f"Machine: {cores} CPU cores, load average at start "
         + " / ".join(f"{x:.2f}" for x in os.getloadavg())
-        + f"; every system (and the bandwidth probe) runs on {args.threads} CPU(s) ({why})")
+        + f"; every system (and the bandwidth probe) runs on {args.threads} CPU(s) ({why}); "
+        + f"CPU flags: {', '.join(cpu_flags()) or 'none of ' + ', '.join(CPU_FLAGS)}")
     say(f"Model: {json.dumps(MODEL)}, float32, random weights (seed {SEED})")
     say(f"Workload: prompt {args.prompt} tokens (same random prompts), {args.new} new tokens, greedy, "
         f"no stop tokens, batch {' and '.join(map(str, BATCHES))}; median of {args.repeats} interleaved "
         "rounds after a warm-up (each round times every system once, in a rotating order)")
     print(flush=True)
 
-    with tempfile.TemporaryDirectory(prefix="gemma2-generate-bench-") as directory:
-        args.kerashub_dir = os.path.join(directory, "kerashub")
-        args.hf_dir = os.path.join(directory, "hf")
-        args.chat_tokenizer = os.path.join(directory, "chat_tokenizer.model")
-        args.weight_bytes = 0
-        facts = prepare_weights(args, directory)
-        if facts is None:
-            sys.exit(1)
-        args.weight_bytes = facts["weight_bytes"]
-        results, samples, ceiling, foreign_rounds = run_rounds(args, directory)
+    if args.from_raw:  # render a saved run's measurements again (the header lines above are this call's)
+        with open(args.from_raw) as f:
+            raw = json.load(f)
+    else:
+        with tempfile.TemporaryDirectory(prefix="gemma2-generate-bench-") as directory:
+            args.kerashub_dir = os.path.join(directory, "kerashub")
+            args.hf_dir = os.path.join(directory, "hf")
+            args.chat_tokenizer = os.path.join(directory, "chat_tokenizer.model")
+            args.weight_bytes = 0
+            facts = prepare_weights(args, directory)
+            if facts is None:
+                sys.exit(1)
+            args.weight_bytes = facts["weight_bytes"]
+            args.gguf = convert_gguf(args, directory)
+            results, samples, ceiling, foreign_rounds = run_rounds(args, directory)
+        raw = {"facts": facts, "results": results, "samples": samples, "ceiling": ceiling,
+               "foreign": foreign_rounds}
+        # The measurements before any rendering: `--from-raw` renders them again.
+        with open(args.raw_output, "w") as f:
+            json.dump(raw, f)
+        print(f"Measurements saved to {args.raw_output}", flush=True)
+    facts, results, samples, foreign_rounds = raw["facts"], raw["results"], raw["samples"], raw["foreign"]
+    ceiling = {int(b): v for b, v in raw["ceiling"].items()} if raw["ceiling"] else None
     if not samples:
         sys.exit("The memory-bandwidth probe failed; see the messages above.")
     read_gbs = median([read for read, _ in samples])
@@ -959,13 +1070,13 @@ def main(args):
     say()
 
     summary = {
-        label: {b: summarize(r, b, args.new) for b in BATCHES} if r else None
+        label: {int(b): summarize(r, int(b), args.new) for b in r["batches"]} if r else None
         for label, r in results.items()
     }
 
     def ratio(label, batch, reference):
         mine, theirs = summary[label], summary.get(reference)
-        if not mine or not theirs:
+        if not mine or not theirs or batch not in mine or batch not in theirs:
             return "n/a"
         if label == reference:
             return "1.00x / 1.00x"
@@ -981,6 +1092,8 @@ def main(args):
             if s is None:
                 say(f"| {label} | {batch} | failed | | | | | |")
                 continue
+            if batch not in s:
+                continue  # llama.cpp: batch 1 only
             row = s[batch]
             warmup = "eager" if row["warmup_s"] is None else f"{row['warmup_s']:.1f}"
             split = ""
@@ -1000,6 +1113,33 @@ def main(args):
         "the jitted systems. The split column is keras_gemma2's own prefill function (prompt "
         f"and first token) and its decode loop ({args.new - 1} forward steps). keras-hub prefills "
         "its whole max_length (prompt + new) and recomputes the last prompt token, so part of its prefill lands in its decode figure.")
+    say()
+
+    def decode(label, batch):
+        entry = summary.get(label)
+        return entry[batch]["decode_tps"] if entry and batch in entry else None
+
+    def versus(label, reference, batch=1):
+        mine, theirs = decode(label, batch), decode(reference, batch)
+        return f"{mine / theirs:.2f}x" if mine and theirs else "n/a"
+
+    by_kind = {kind: label for label, kind, _ in SYSTEMS}
+    torch_eager, torch_compiled = SYSTEMS[2][0], by_kind["ours-compiled"]
+    say("PyTorch against JAX (decode tok/s ratio, batch 1 / batch 8): eager "
+        f"{versus(torch_eager, OURS_JAX)} / {versus(torch_eager, OURS_JAX, 8)}, torch.compile "
+        f"{versus(torch_compiled, OURS_JAX)} / {versus(torch_compiled, OURS_JAX, 8)} (its warm-up column is the "
+        "compile time: keras_gemma2 compiles the decode step when `model.jit_compile = True`).")
+    say("Lower-precision weights, batch-1 decode against this library's float32 (jax) and keras-hub: "
+        + "; ".join(f"{by_kind[kind].split(', ')[1]} {versus(by_kind[kind], OURS_JAX)} / "
+                    f"{versus(by_kind[kind], KERASHUB)} (batch 8: {versus(by_kind[kind], OURS_JAX, 8)})"
+                    for kind in ("ours-bfloat16", "ours-int8")) + ".")
+    if results.get(by_kind["llama-f32"]) or results.get(by_kind["llama-q8_0"]):
+        say("llama.cpp, batch 1 decode, this library against it (same weights): jax float32 vs f32 "
+            f"{versus(OURS_JAX, by_kind['llama-f32'])}, torch.compile float32 vs f32 "
+            f"{versus(torch_compiled, by_kind['llama-f32'])}, jax int8 vs q8_0 "
+            f"{versus(by_kind['ours-int8'], by_kind['llama-q8_0'])}, jax bfloat16 vs q8_0 "
+            f"{versus(by_kind['ours-bfloat16'], by_kind['llama-q8_0'])} (< 1: llama.cpp is faster). "
+            "llama.cpp's system info: " + (results.get(by_kind["llama-f32"]) or {}).get("system_info", "n/a"))
     say()
 
     ours = [label for label, kind, _ in SYSTEMS if kind == "ours" and results.get(label)]
@@ -1090,7 +1230,7 @@ def main(args):
         for label, _, _ in SYSTEMS:
             if summary[label]:
                 say(f"- {label}: " + ", ".join(
-                    f"batch {b} {summary[label][b]['decode_tps'] / ceiling[b]:.2f}" for b in BATCHES)
+                    f"batch {b} {summary[label][b]['decode_tps'] / ceiling[b]:.2f}" for b in summary[label])
                     + " of that loop")
     kv = facts["kv_2b"]
     say(f"KV cache at {kv['context']} tokens, real gemma2_2b_en config ({kv['layers']} layers, window "
@@ -1104,17 +1244,21 @@ def main(args):
         say(f"Greedy agreement with transformers, batch 8 x {args.new} tokens "
             "(matching tokens; shortest matching prefix over rows):")
         for label, _, _ in SYSTEMS:
-            if summary[label] and label != TRANSFORMERS:
+            if summary[label] and label != TRANSFORMERS and 8 in summary[label]:
                 matching, total, prefix = agreement(summary[label][8]["tokens"], reference[8]["tokens"])
                 verdict = "agree" if matching == total else "DIFFER"
                 say(f"- {label}: {matching}/{total} ({verdict}); prefix {prefix}/{args.new}")
         distinct = [len(set(row)) for row in reference[8]["tokens"]]
         say(f"- (transformers' rows hold {min(distinct)}-{max(distinct)} distinct tokens out of {args.new})")
-        batch1 = [summary[l][1]["tokens"][0] for l, _, _ in SYSTEMS if summary[l]]
+        batch1 = [summary[l][1]["tokens"][0] for l, kind, _ in SYSTEMS if summary[l] and kind in FLOAT32_KINDS]
         same = all(tokens == batch1[0] for tokens in batch1)
-        say(f"- batch 1, all systems identical: {same}")
+        say(f"- batch 1, all float32 Keras / transformers systems identical: {same}")
+        for label, kind, _ in SYSTEMS:
+            if summary[label] and kind not in FLOAT32_KINDS:
+                matching, total, prefix = agreement([summary[label][1]["tokens"][0]], [reference[1]["tokens"][0]])
+                say(f"- batch 1, {label}: {matching}/{total} tokens as transformers float32; prefix {prefix}/{args.new}")
     noisy = [f"{label} batch {b}: {summary[label][b]['spread']:.0%}"
-             for label, _, _ in SYSTEMS if summary[label] for b in BATCHES
+             for label, _, _ in SYSTEMS if summary[label] for b in summary[label]
              if summary[label][b]["spread"] > 0.10]
     say("Noise (max/min - 1 of the timed N-token runs > 10%): " + ("; ".join(noisy) if noisy else "none"))
     say(f"Other processes' CPU use during the timed rounds: {foreign_rounds:.2f} of {os.cpu_count()} cores")
@@ -1144,6 +1288,11 @@ def parse(argv=None):
     parser.add_argument("--kerashub-dir", help=argparse.SUPPRESS)
     parser.add_argument("--hf-dir", help=argparse.SUPPRESS)
     parser.add_argument("--chat-tokenizer", help=argparse.SUPPRESS)
+    parser.add_argument("--gguf", help=argparse.SUPPRESS)
+    parser.add_argument("--raw-output", default=os.path.join(tempfile.gettempdir(), "gemma2-generate-raw.json"),
+                        help="where the measurements are saved before rendering")
+    parser.add_argument("--from-raw", help="render saved measurements (--raw-output of a run) instead of measuring")
+    parser.add_argument("--no-llama", action="store_true", help="skip llama.cpp even if .venv-llama exists")
     return parser.parse_args(argv)
 
 

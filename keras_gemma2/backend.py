@@ -39,7 +39,7 @@ def is_concrete(x):
     return True
 
 
-def compile_function(fn, variables, donate_first=False):
+def compile_function(fn, variables, donate_first=False, torch_compile=False):
     """`fn` compiled with XLA where the backend can: jax.jit / tf.function(jit_compile=True).
 
     On JAX the model's variables become explicit inputs (a StatelessScope maps
@@ -47,7 +47,7 @@ def compile_function(fn, variables, donate_first=False):
     `donate_first`, JAX reuses the first argument's buffers for the outputs
     (a decode loop updates its KV cache in place instead of copying it per
     call; the caller must not read that argument afterwards). PyTorch runs
-    `fn` eagerly under no_grad.
+    `fn` under no_grad, eagerly or (`torch_compile`) torch.compile'd.
 
     XLA's default CPU dots are used for decode loops too: with [out, in]
     kernels and the kernel as the left operand (layers.rows_times_transposed)
@@ -70,11 +70,42 @@ def compile_function(fn, variables, donate_first=False):
         return tf.function(fn, jit_compile=True)
     import torch
 
+    if torch_compile:
+        fn = torch.compile(fn)  # static shapes first; a second shape recompiles dynamic
+
     def eager(*args):
         with torch.no_grad():
             return fn(*args)
 
     return eager
+
+
+def steps_from_host(model, batch_size):
+    """Whether generation drives its decode loop from the host, one compiled step per token.
+
+    PyTorch always: its loops run in Python anyway, and the step is what
+    torch.compile compiles. JAX and TensorFlow for one row when any weight is
+    not float32 (bfloat16, float16, int8 or int4 codes): XLA:CPU runs those
+    one-row products at memory speed in a plain program (a 148M model's
+    weights: 2.2x faster than float32 in bfloat16, 3x as int8 codes cast in
+    the product), but 2x slower than float32 inside a while loop. A batch
+    keeps the compiled loop: XLA hoists its weights' conversion to float32 out
+    of the loop, where a step from the host would convert them every token
+    (bfloat16 at batch 8: ~5x slower). A float32 model keeps the loop too.
+    """
+    if keras.backend.backend() == "torch":
+        return True
+    return batch_size == 1 and any(variable.dtype != "float32" for variable in model.backbone.weights)
+
+
+def torch_compiles(model):
+    """Whether `model`'s generation steps are torch.compile'd: on PyTorch with `model.jit_compile`.
+
+    Keras' own switch (`model.compile(jit_compile=True)`, or setting
+    `model.jit_compile = True`); off by default as in Keras, since compiling
+    takes minutes per new shape on a 2-core machine before it pays back.
+    """
+    return keras.backend.backend() == "torch" and bool(model.jit_compile)
 
 
 def compiles():

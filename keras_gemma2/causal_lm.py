@@ -8,6 +8,7 @@ import warnings
 import keras
 import numpy as np
 
+from keras_gemma2 import backend
 from keras_gemma2.checkpoints import presets
 from keras_gemma2.generation import results, speculative
 from keras_gemma2.generation.conversation import Conversation
@@ -212,12 +213,14 @@ class Gemma2CausalLM(CheckedTraining, keras.Model):
         """The compiled generation functions (created on first use).
 
         Rebuilt when LoRA adapters were added since (they capture the variables),
-        also when that went through `model.backbone.enable_lora`.
+        also when that went through `model.backbone.enable_lora`, and when
+        `jit_compile` turns PyTorch's torch.compile of the decode step on or off.
         """
-        built_for = getattr(self, "_generator_lora", None)
-        if getattr(self, "_generator", None) is None or built_for != self.backbone.lora_targets:
+        built_for = getattr(self, "_generator_built_for", None)
+        now = (self.backbone.lora_targets, backend.torch_compiles(self))
+        if getattr(self, "_generator", None) is None or built_for != now:
             self._generator = Generator(self)
-            self._generator_lora = self.backbone.lora_targets
+            self._generator_built_for = now
         return self._generator
 
     def generate(

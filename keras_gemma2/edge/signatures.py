@@ -11,7 +11,7 @@ import numpy as np
 
 from keras_gemma2.edge import litert_weights
 from keras_gemma2.model import kv_cache
-from keras_gemma2.model.layers import kernel_first_up_to, stacked_kernel
+from keras_gemma2.model.layers import product_plan, stacked_kernel
 from keras_gemma2.tokenizer import Gemma2Tokenizer
 from keras_gemma2.version import __version__
 
@@ -84,7 +84,7 @@ def build_signatures(backbone, cache_length, prefill_lengths, int8_lookup=False,
 
     @contextlib.contextmanager
     def scope():
-        with keras.StatelessScope(state_mapping=list(zip(keras_variables, read))), kernel_first_up_to(1):
+        with keras.StatelessScope(state_mapping=list(zip(keras_variables, read))), product_plan(kernel_first_positions=1, one_row=False):
             if int8_lookup:
                 embedding.int8_lookup = (module.lookup_table, module.lookup_scale)
             for layer, kernel in fused:

@@ -79,15 +79,15 @@ class Generator:
         """(prefill, decode loop) for one shape of request, compiled on first use."""
         key = (batch_size, bucket, cache_length, sampler_kind, window, stop_count)
         return self.cached(
-            key, lambda: self._build(bucket, cache_length, sampler_kind, window)
+            key, lambda: self._build(batch_size, bucket, cache_length, sampler_kind, window)
         )
 
-    def _build(self, bucket, cache_length, sampler_kind, window):
+    def _build(self, batch_size, bucket, cache_length, sampler_kind, window):
         backbone = self.model.backbone
         layout = kv_cache.CacheLayout.rings(
             backbone.config.replace(sliding_window_size=window), cache_length
         )
-        first_token, run = self.sampling_loop(layout, sampler_kind)
+        first_token, _ = self.sampling_loop(layout, sampler_kind)
         capacity = cache_length - bucket  # the most new tokens this program can give
 
         def start(prompt, padding, stop, settings, seed):
@@ -96,7 +96,7 @@ class Generator:
             logits, caches = prefill(backbone, layout, prompt, padding)
             return first_token(logits, caches, padding, bucket, capacity, stop, settings, seed)
 
-        return self._compile(start), self._compile(run, donate_first=True)
+        return self._compile(start), self.decode_loop(layout, sampler_kind, batch_size)
 
     def continuation(self, cache_length, chunk_bucket, sampler_kind, window, stop_count):
         """(extend, decode loop) for a conversation's full-length cache of `cache_length` slots.
@@ -114,7 +114,7 @@ class Generator:
         )
         decode = self.cached(
             ("continue-decode", cache_length, sampler_kind, window, stop_count),
-            lambda: self._compile(self.sampling_loop(layout, sampler_kind)[1], donate_first=True),
+            lambda: self.decode_loop(layout, sampler_kind, 1),
         )
         extend = self.cached(
             ("continue", chunk_bucket, cache_length, sampler_kind, window, stop_count),
@@ -144,12 +144,14 @@ class Generator:
         return backend.compile_function(function, self.model.backbone.variables, donate_first=donate_first)
 
     def sampling_loop(self, layout, sampler_kind):
-        """(first_token, run) over caches held as `layout` says, for one sampler kind.
+        """(first_token, step) over caches held as `layout` says, for one sampler kind.
 
         `first_token` samples step 0 from the logits after a prefill and makes
-        the loop's state; `run(state, seed, stop_at)` is the decode loop. Token
-        t of the reply is fed at cache index `base + t - 1`, `base` (a state
-        value) being where the reply starts.
+        the loop's state; `step(state, seed)` feeds the last token and samples
+        the next. Token t of the reply is fed at cache index `base + t - 1`,
+        `base` (a state value) being where the reply starts. The forward pass
+        feeds a token that was already sampled, so none is spent on logits
+        nobody reads (after the last token or a stop).
         """
         backbone = self.model.backbone
 
@@ -177,31 +179,64 @@ class Generator:
                 "done": done, "stop": stop, "settings": settings,
             }
 
+        def step(state, seed):
+            logits, caches = decode_step(
+                backbone, layout, state["token"], state["padding"], state["caches"],
+                state["base"] + state["step"] - 1,
+            )
+            token, tokens, logprobs, done = choose(
+                logits, state["step"], seed, state["tokens"], state["logprobs"], state["done"],
+                state["stop"], state["settings"],
+            )
+            return {**state, "step": state["step"] + 1, "token": token, "caches": caches,
+                    "tokens": tokens, "logprobs": logprobs, "done": done}
+
+        return first_token, step
+
+    def decode_loop(self, layout, sampler_kind, batch_size):
+        """`run(state, seed, stop_at)`: steps until `stop_at` or every row is done.
+
+        Either one compiled loop, or (backend.steps_from_host) a host loop over
+        one compiled step: XLA:CPU runs a bfloat16 or int8 weight's one-row
+        product at memory speed only outside a while loop, and PyTorch loops
+        in Python anyway (its step torch.compile'd on request).
+        """
+        _, step = self.sampling_loop(layout, sampler_kind)
+        if backend.steps_from_host(self.model, batch_size):
+            def traced_step(state, seed):
+                self.count_trace()
+                return step(state, seed)
+
+            compiled = backend.compile_function(
+                traced_step, self.model.backbone.variables, donate_first=True,
+                torch_compile=backend.torch_compiles(self.model),
+            )
+
+            def run_from_host(state, seed, stop_at):
+                stop_at = int(ops.convert_to_numpy(stop_at))
+                at = int(ops.convert_to_numpy(state["step"]))
+                while at < stop_at and not np.asarray(ops.convert_to_numpy(state["done"])).all():
+                    state = compiled(state, seed)
+                    at += 1
+                return state
+
+            return run_from_host
+
         def run(state, seed, stop_at):
-            """Steps until `stop_at` or all rows done; each feeds the last token, then samples.
-
-            The forward pass feeds a token that was already sampled, so none is
-            spent on logits nobody reads (after the last token or a stop).
-            """
             self.count_trace()
-
-            def cond(step, token, caches, tokens, logprobs, done):
-                return ops.logical_and(step < stop_at, ops.logical_not(ops.all(done)))
-
-            def body(step, token, caches, tokens, logprobs, done):
-                logits, caches = decode_step(
-                    backbone, layout, token, state["padding"], caches, state["base"] + step - 1
-                )
-                token, tokens, logprobs, done = choose(
-                    logits, step, seed, tokens, logprobs, done, state["stop"], state["settings"]
-                )
-                return step + 1, token, caches, tokens, logprobs, done
-
             names = ("step", "token", "caches", "tokens", "logprobs", "done")
+
+            def cond(*values):
+                return ops.logical_and(values[0] < stop_at, ops.logical_not(ops.all(values[-1])))
+
+            def body(*values):
+                after = step({**state, **dict(zip(names, values))}, seed)
+                return tuple(after[name] for name in names)
+
             loop = ops.while_loop(cond, body, tuple(state[name] for name in names))
             return {**state, **dict(zip(names, loop))}
 
-        return first_token, run
+        return self._compile(run, donate_first=True)
 
     # ---- host side ----------------------------------------------------------
     def prepare(self, prompts, max_new_tokens, sampler, stop_ids, window, draft=None, num_draft_tokens=None):

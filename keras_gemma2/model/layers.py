@@ -12,6 +12,7 @@ import itertools
 import keras
 from keras import ops
 
+from keras_gemma2 import backend
 from keras_gemma2.config import Gemma2Config
 from keras_gemma2.model import kv_cache
 
@@ -82,37 +83,55 @@ def soft_cap(x, cap):
 # Chunks of at most this many positions put the kernel first: one-token decode steps and
 # speculative verification (num_draft_tokens + 1 <= 17 positions).
 KERNEL_FIRST_POSITIONS = 17
-_kernel_first_positions = [KERNEL_FIRST_POSITIONS]
+_plans = [{"kernel_first_positions": KERNEL_FIRST_POSITIONS, "one_row": True}]
 
 
 @contextlib.contextmanager
-def kernel_first_up_to(positions):
-    """Inside, only products of at most `positions` positions put the kernel first.
+def product_plan(kernel_first_positions=KERNEL_FIRST_POSITIONS, one_row=True):
+    """Inside, products of at most `kernel_first_positions` positions put the kernel first,
+    and a single row takes the matrix-vector path only if `one_row`.
 
-    LiteRT export traces with 1: its converter and weight tooling expect the plain
-    product for prompt chunks (a FULLY_CONNECTED whose weights it can find).
+    LiteRT export traces with (1, False): its converter and weight tooling expect
+    the plain product for prompt chunks (a FULLY_CONNECTED whose weights it can find).
     """
-    _kernel_first_positions.append(positions)
+    _plans.append({"kernel_first_positions": kernel_first_positions, "one_row": one_row})
     try:
         yield
     finally:
-        _kernel_first_positions.pop()
+        _plans.pop()
+
+
+def is_one_row(inputs):
+    """Whether rows_times_transposed takes its one-row (matrix-vector) path for `inputs`."""
+    shape = inputs.shape
+    return (_plans[-1]["one_row"] and len(shape) == 3 and shape[0] == 1 and shape[1] == 1
+            and backend.compiles())
 
 
 def rows_times_transposed(inputs, kernel):
     """`inputs @ kernel^T`: [batch, seq, in] x [out, in] -> [batch, seq, out].
 
-    For a few positions (decoding, verifying draft tokens) the kernel is the
-    left operand and the small [out, batch, seq] result is transposed: with
-    the kernel on the right, a whole batch-8 decode step ran ~1.5x slower
-    under XLA:CPU (JAX and TensorFlow; torch ~6%), a 148M model's 2- and
-    5-position passes ~1.5x and ~1.3x slower, and XLA copied the transposed
-    vocabulary table every step. The TFLite converter still makes a
-    FULLY_CONNECTED of a one-position product; longer chunks (prefill,
-    export's prompt buckets of 32 and more) keep the plain product.
+    One row (batch 1 decode) under XLA is a 2-D [1, in] x [in, out] product: XLA:CPU then
+    runs its matrix-vector kernel, which reads a bfloat16 or int8 kernel (or an
+    int8 one cast to float in the same fusion) at memory speed, where every
+    batched form of the product ran 10-13x slower than float32 (the 148M
+    model's 32000 x 768 table: float32 3.1 ms, bfloat16 1.6, int8 0.85 against
+    ~40 ms; benchmarks/low_precision_products.py). For a few positions
+    (decoding a batch, verifying draft tokens) the kernel is the left operand
+    and the small [out, batch, seq] result is transposed: with the kernel on
+    the right, a whole batch-8 decode step ran ~1.5x slower under XLA:CPU
+    (JAX and TensorFlow; torch ~6%), a 148M model's 2- and 5-position passes
+    ~1.5x and ~1.3x slower, and XLA copied the transposed vocabulary table
+    every step. Longer chunks (prefill, export's prompt buckets of 32 and
+    more) keep the plain product. PyTorch's one row stays kernel first (its
+    [1, in] x [in, out] form ran 2x slower there).
     """
-    seq = inputs.shape[1] if len(inputs.shape) == 3 else None
-    if seq is not None and seq <= _kernel_first_positions[-1]:
+    shape = inputs.shape
+    seq = shape[1] if len(shape) == 3 else None
+    if is_one_row(inputs):
+        product = ops.matmul(ops.reshape(inputs, (1, shape[2])), ops.transpose(kernel))
+        return ops.reshape(product, (1, 1, kernel.shape[0]))
+    if seq is not None and seq <= _plans[-1]["kernel_first_positions"]:
         return ops.transpose(ops.einsum("fd,btd->fbt", kernel, inputs), (1, 2, 0))
     return ops.einsum("btd,fd->btf", inputs, kernel)
 
@@ -155,6 +174,25 @@ class Projection(keras.layers.EinsumDense):
         if self.quantization_mode is not None:
             return super().call(inputs, training=training)
         return rows_times_transposed(inputs, self.kernel)
+
+    def _int8_call(self, inputs, training=None):
+        """Keras' int8 product (inputs quantized per row, int32 sums, the same values),
+        shaped as rows_times_transposed shapes it: Keras' own einsum keeps the kernel
+        on the right, XLA:CPU's slow form for one row or a decode batch."""
+        if training or self.lora_enabled or self.inputs_quantizer is None:
+            return super()._int8_call(inputs, training=training)  # its custom gradient, LoRA
+        codes, inputs_scale = self.inputs_quantizer(inputs, axis=self.quantization_axis)
+        inputs_scale = self._adjust_scale_for_quant(inputs_scale, "input")
+        kernel = self._kernel
+        if is_one_row(codes):
+            # The same whole-number sums in float32 (exact while below 2**24: up to 1040
+            # input features at |code| <= 127, a relative 6e-8 beyond): XLA:CPU's
+            # matrix-vector kernel reads int8 codes cast to float32 at memory speed, where
+            # its int8 x int8 one-row product ran 2.5-28x slower than float32 (AVX2 and
+            # AVX512-VNNI machines; benchmarks/low_precision_products.py).
+            codes, kernel = ops.cast(codes, "float32"), ops.cast(kernel, "float32")
+        x = ops.cast(rows_times_transposed(codes, kernel), self.compute_dtype)
+        return ops.divide(x, ops.multiply(inputs_scale, self.kernel_scale))
 
     def quantize(self, mode=None, type_check=True, config=None):
         # EinsumDense refuses subclasses by default; this one only changes the

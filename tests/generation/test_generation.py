@@ -329,6 +329,45 @@ def test_empty_text_prompt(text_model):
         text_model.generate("")
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_decode_steps_from_the_host_equal_the_compiled_loop(dtype, monkeypatch):
+    """Batch 1 with bfloat16 weights decodes one compiled step at a time from the host
+    (backend.steps_from_host; PyTorch always does): both loops give the same tokens past
+    the window, and a stop token ends either early."""
+    model = Gemma2CausalLM(Gemma2Backbone(TINY, dtype=dtype))
+    randomize_weights(model)
+    assert backend.steps_from_host(model, 1) == (dtype != "float32" or keras.backend.backend() == "torch")
+    assert backend.steps_from_host(model, 2) == (keras.backend.backend() == "torch")
+    prompt, steps = [5, 9, 44, 81, 2, 60, 71, 8, 33], 3 * WINDOW + 2
+    runs = {}
+    for from_host in (True, False):
+        monkeypatch.setattr(backend, "steps_from_host", lambda model, batch_size, chosen=from_host: chosen)
+        model._generator = None  # the programs are chosen when built
+        tokens = model.generate([prompt], max_new_tokens=steps, stop_token_ids=())[0].tolist()
+        stopped = model.generate([prompt], max_new_tokens=steps, stop_token_ids=[tokens[6]])[0].tolist()
+        runs[from_host] = tokens, stopped
+    assert runs[True] == runs[False]
+    tokens, stopped = runs[True]
+    assert len(set(tokens)) > 4 and stopped == tokens[: tokens.index(tokens[6])]  # the stop id is not shown
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="torch.compile is PyTorch's")
+def test_torch_compiled_decode_steps_equal_eager_ones():
+    """`model.jit_compile = True` (Keras' switch) torch.compiles the decode step: same tokens."""
+    import torch
+
+    model = tiny_model()
+    prompts, steps = [[3, 17, 29], [5, 9, 44, 81, 2, 60, 71, 8, 33]], 3 * WINDOW + 2
+    eager = [t.tolist() for t in model.generate(prompts, max_new_tokens=steps, stop_token_ids=())]
+    eager_generator = model.generator
+    model.jit_compile = True
+    assert model.generator is not eager_generator  # rebuilt with a torch.compile'd step
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled = [t.tolist() for t in model.generate(prompts, max_new_tokens=steps, stop_token_ids=())]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
+    assert compiled == eager
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_low_precision_generation_uses_a_compute_dtype_cache(dtype):
     model = Gemma2CausalLM(Gemma2Backbone(TINY, dtype=dtype))

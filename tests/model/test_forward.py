@@ -102,3 +102,27 @@ def test_a_full_length_cache_keeps_index_t_in_slot_t_and_drops_rows_past_its_end
     for start in (1, ops.convert_to_tensor(np.int32(1))):
         written = ops.convert_to_numpy(kv_cache.write(cache, fresh, start, ring=False))[0, 0, :, 0]
         assert written.tolist() == [-1, 10, 11, 12, 13, -1]
+
+
+# ---- the shapes of a weight product ---------------------------------------------------
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", [(1, 1), (4, 1), (2, 5), (1, 40)])
+def test_every_form_of_the_weight_product_is_inputs_times_kernel_transposed(shape, dtype):
+    """One row (a 2-D product under XLA), a few positions (kernel first) and long chunks
+    (the plain einsum) compute the same x @ W^T; export's plan changes only the form."""
+    from keras_gemma2.model.layers import product_plan, rows_times_transposed
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(*shape, 16)).astype("float32")
+    kernel = rng.normal(size=(24, 16)).astype("float32")
+    expected = np.einsum("btd,fd->btf", x, kernel)
+    tolerance = 1e-5 if dtype == "float32" else 5e-2
+
+    def product():
+        out = rows_times_transposed(ops.cast(x, dtype), ops.cast(kernel, dtype))
+        assert tuple(out.shape) == (*shape, 24)
+        return ops.convert_to_numpy(ops.cast(out, "float32"))
+
+    np.testing.assert_allclose(product(), expected, rtol=tolerance, atol=tolerance * 4)
+    with product_plan(kernel_first_positions=1, one_row=False):
+        np.testing.assert_allclose(product(), expected, rtol=tolerance, atol=tolerance * 4)

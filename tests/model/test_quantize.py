@@ -289,3 +289,26 @@ def test_quantize_returns_nothing_and_only_touches_weight_layers(models):
     for norm in model.backbone.decoder_blocks[0]._flatten_layers(include_self=False):
         if "norm" in norm.name:
             assert norm.quantization_mode is None and norm.scale.dtype == "float32"
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (4, 1), (2, 5), (1, 40)])
+def test_int8_projection_gives_keras_own_int8_values(shape):
+    """The projection's int8 product is Keras' own (inputs quantized per row, int32 sums,
+    the same scales), only shaped as rows_times_transposed shapes it: equal, not close."""
+    from keras_gemma2.model.layers import Projection
+
+    layer = Projection.built("projection", 24, 16, "float32")
+    layer.quantize("int8")
+    x = keras.ops.convert_to_tensor(np.random.default_rng(0).normal(size=(*shape, 16)).astype("float32"))
+    ours = keras.ops.convert_to_numpy(layer(x))
+    keras_own = keras.ops.convert_to_numpy(keras.layers.EinsumDense._int8_call(layer, x))
+    assert ours.shape == (*shape, 24)
+    np.testing.assert_array_equal(ours, keras_own)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_batch_one_greedy_after_quantize_equals_quantized_uncached_argmax(models, mode):
+    """Batch 1: one-row products, and (JAX, TensorFlow) decode steps driven from the host."""
+    prompt = PROMPTS[1]
+    tokens = models[mode].generate([prompt], max_new_tokens=STEPS, stop_token_ids=())[0].tolist()
+    assert tokens == uncached_argmax(models[mode], prompt + tokens)[len(prompt) - 1 : -1].tolist()

@@ -87,8 +87,9 @@ def steps_from_host(model, batch_size):
     torch.compile compiles. JAX and TensorFlow for one row when any weight is
     not float32 (bfloat16, float16, int8 or int4 codes): XLA:CPU runs those
     one-row products at memory speed in a plain program (a 148M model's
-    weights: 2.2x faster than float32 in bfloat16, 3x as int8 codes cast in
-    the product), but 2x slower than float32 inside a while loop. A batch
+    vocabulary table: 1.9x / 3.1x faster than float32 in bfloat16 / as int8 codes
+    cast in the product on an AVX512 machine, 1.8x / 2x on an AVX2 one), but
+    several times slower inside a while loop (benchmarks/decode_paths.py). A batch
     keeps the compiled loop: XLA hoists its weights' conversion to float32 out
     of the loop, where a step from the host would convert them every token
     (bfloat16 at batch 8: ~5x slower). A float32 model keeps the loop too.

@@ -115,8 +115,9 @@ def rows_times_transposed(inputs, kernel):
     runs its matrix-vector kernel, which reads a bfloat16 or int8 kernel (or an
     int8 one cast to float in the same fusion) at memory speed, where every
     batched form of the product ran 10-13x slower than float32 (the 148M
-    model's 32000 x 768 table: float32 3.1 ms, bfloat16 1.6, int8 0.85 against
-    ~40 ms; benchmarks/low_precision_products.py). For a few positions
+    model's 32000 x 768 table, AVX512 machine: float32 3.1 ms, bfloat16 1.6,
+    int8 0.85 against ~40 ms; AVX2: 3.9 / 2.2 / 2.0 ms;
+    benchmarks/low_precision_products.py). For a few positions
     (decoding a batch, verifying draft tokens) the kernel is the left operand
     and the small [out, batch, seq] result is transposed: with the kernel on
     the right, a whole batch-8 decode step ran ~1.5x slower under XLA:CPU
@@ -188,8 +189,8 @@ class Projection(keras.layers.EinsumDense):
             # The same whole-number sums in float32 (exact while below 2**24: up to 1040
             # input features at |code| <= 127, a relative 6e-8 beyond): XLA:CPU's
             # matrix-vector kernel reads int8 codes cast to float32 at memory speed, where
-            # its int8 x int8 one-row product ran 2.5-28x slower than float32 (AVX2 and
-            # AVX512-VNNI machines; benchmarks/low_precision_products.py).
+            # its int8 x int8 one-row product ran 1.8x slower than that on an AVX512-VNNI
+            # machine and 2.8x on an AVX2 one (benchmarks/low_precision_products.py).
             codes, kernel = ops.cast(codes, "float32"), ops.cast(kernel, "float32")
         x = ops.cast(rows_times_transposed(codes, kernel), self.compute_dtype)
         return ops.divide(x, ops.multiply(inputs_scale, self.kernel_scale))

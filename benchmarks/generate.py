@@ -86,6 +86,8 @@ FLOAT32_KINDS = ("ours", "ours-compiled", "baseline", "kerashub", "transformers"
 LLAMA_VENV = os.path.join(ROOT, ".venv-llama")
 LLAMA_CONVERTER = os.path.join(LLAMA_VENV, "llama.cpp", "convert_hf_to_gguf.py")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+BANDWIDTH = "memory bandwidth probe"
+CEILING = "XLA weight-products-only loop"
 
 
 def cpu_flags():
@@ -96,8 +98,6 @@ def cpu_flags():
     except OSError:
         return []
     return [flag for flag in CPU_FLAGS if flag in flags]
-BANDWIDTH = "memory bandwidth probe"
-CEILING = "XLA weight-products-only loop"
 
 
 # ---- helpers shared by the worker processes ---------------------------------------
@@ -629,7 +629,7 @@ def worker_llama(args):
 
     def generate(ids, new):
         rows = []
-        for row in ids:  # called with one row only (BATCHES_OF["llama"])
+        for row in ids:  # called with one row only (batches_of)
             llm.reset()
             llm.eval([int(t) for t in row])
             tokens = []

@@ -140,8 +140,10 @@ class Generator:
 
         return self._compile(extend, donate_first=True)
 
-    def _compile(self, function, donate_first=False):
-        return backend.compile_function(function, self.model.backbone.variables, donate_first=donate_first)
+    def _compile(self, function, donate_first=False, torch_compile=False):
+        return backend.compile_function(
+            function, self.model.backbone.variables, donate_first=donate_first, torch_compile=torch_compile
+        )
 
     def sampling_loop(self, layout, sampler_kind):
         """(first_token, step) over caches held as `layout` says, for one sampler kind.
@@ -207,9 +209,8 @@ class Generator:
                 self.count_trace()
                 return step(state, seed)
 
-            compiled = backend.compile_function(
-                traced_step, self.model.backbone.variables, donate_first=True,
-                torch_compile=backend.torch_compiles(self.model),
+            compiled = self._compile(
+                traced_step, donate_first=True, torch_compile=backend.torch_compiles(self.model)
             )
 
             def run_from_host(state, seed, stop_at):

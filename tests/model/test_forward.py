@@ -9,6 +9,7 @@ import keras_gemma2
 from helpers import TINY, randomize_weights
 from keras_gemma2.model import kv_cache
 from keras_gemma2.model.kv_cache import CacheLayout
+from keras_gemma2.model.layers import product_plan, rows_times_transposed
 
 WINDOW = TINY.sliding_window_size  # 4
 LENGTH = 14
@@ -110,8 +111,6 @@ def test_a_full_length_cache_keeps_index_t_in_slot_t_and_drops_rows_past_its_end
 def test_every_form_of_the_weight_product_is_inputs_times_kernel_transposed(shape, dtype):
     """One row (a 2-D product under XLA), a few positions (kernel first) and long chunks
     (the plain einsum) compute the same x @ W^T; export's plan changes only the form."""
-    from keras_gemma2.model.layers import product_plan, rows_times_transposed
-
     rng = np.random.default_rng(0)
     x = rng.normal(size=(*shape, 16)).astype("float32")
     kernel = rng.normal(size=(24, 16)).astype("float32")

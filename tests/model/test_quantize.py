@@ -10,7 +10,7 @@ import pytest
 
 from helpers import randomize_weights
 from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM, Gemma2Config, Gemma2Tokenizer
-from keras_gemma2.model.layers import TiedEmbedding, soft_cap
+from keras_gemma2.model.layers import Projection, TiedEmbedding, soft_cap
 from keras_gemma2.model.quantization import quantization_modes
 
 TINY = Gemma2Config.from_preset("gemma2_tiny_test")  # sliding window 4
@@ -295,8 +295,6 @@ def test_quantize_returns_nothing_and_only_touches_weight_layers(models):
 def test_int8_projection_gives_keras_own_int8_values(shape):
     """The projection's int8 product is Keras' own (inputs quantized per row, int32 sums,
     the same scales), only shaped as rows_times_transposed shapes it: equal, not close."""
-    from keras_gemma2.model.layers import Projection
-
     layer = Projection.built("projection", 24, 16, "float32")
     layer.quantize("int8")
     x = keras.ops.convert_to_tensor(np.random.default_rng(0).normal(size=(*shape, 16)).astype("float32"))

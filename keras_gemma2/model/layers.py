@@ -137,6 +137,21 @@ def rows_times_transposed(inputs, kernel):
     return ops.einsum("btd,fd->btf", inputs, kernel)
 
 
+def computed_once(row):
+    """`row` unchanged, but computed before (not inside) a one-row product that reads it.
+
+    XLA:CPU fuses an int8 kernel's cast into the one-row product (that is what
+    reads it at memory speed), and with it the elementwise ops that produce the
+    row, which then run once per output instead of once: an int8 projection's
+    input quantization (scale, round, clip, cast) cost as much as the product.
+    A gather is not fused into the product, so an identity gather computes the
+    row once. Measured on AVX2 (JAX): 12 layers of the 148M model's one-row
+    int8 projections 27-30 ms -> 9-10 ms; its batch-1 int8 decode 39 -> 70 tok/s
+    (float32: 32; benchmarks/decode_paths.py).
+    """
+    return ops.take(row, ops.arange(row.shape[-1]), axis=-1)
+
+
 @keras.saving.register_keras_serializable(package="keras_gemma2")
 class Projection(keras.layers.EinsumDense):
     """A bias-free linear map whose kernel is [out, in], transformers' layout.
@@ -191,7 +206,7 @@ class Projection(keras.layers.EinsumDense):
             # matrix-vector kernel reads int8 codes cast to float32 at memory speed, where
             # its int8 x int8 one-row product ran 1.8x slower than that on an AVX512-VNNI
             # machine and 2.8x on an AVX2 one (benchmarks/low_precision_products.py).
-            codes, kernel = ops.cast(codes, "float32"), ops.cast(kernel, "float32")
+            codes, kernel = computed_once(ops.cast(codes, "float32")), ops.cast(kernel, "float32")
         x = ops.cast(rows_times_transposed(codes, kernel), self.compute_dtype)
         return ops.divide(x, ops.multiply(inputs_scale, self.kernel_scale))
 

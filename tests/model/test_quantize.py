@@ -304,6 +304,37 @@ def test_int8_projection_gives_keras_own_int8_values(shape):
     np.testing.assert_array_equal(ours, keras_own)
 
 
+def optimized_hlo(layer, x):
+    """XLA's optimized HLO text for `layer(x)`, its weights passed as arguments (not constants)."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        def call(trainable, non_trainable, x):
+            return layer.stateless_call(trainable, non_trainable, x)[0]
+
+        values = [[v.value for v in layer.trainable_variables], [v.value for v in layer.non_trainable_variables]]
+        return jax.jit(call).lower(*values, x).compile().as_text()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(layer, jit_compile=True).experimental_get_compiler_ir(x)(stage="optimized_hlo")
+    pytest.skip("XLA backends only")
+
+
+@pytest.mark.parametrize("in_features", [16, 768])
+def test_one_row_int8_product_does_not_requantize_its_input_per_output(in_features):
+    """XLA:CPU fuses the int8 kernel's cast into the one-row product; the input's quantization
+    (round, clip) must stay outside it, computed once, not once per output (3x slower per layer)."""
+    layer = Projection.built("projection", 64, in_features, "float32")
+    layer.quantize("int8")
+    x = keras.ops.convert_to_tensor(np.random.default_rng(0).normal(size=(1, 1, in_features)).astype("float32"))
+    text = optimized_hlo(layer, x)
+    computations = [block for block in text.split("\n}") if "round-nearest" in block or " dot(" in block]
+    assert any(" dot(" in block for block in computations), text
+    assert not [block for block in computations if " dot(" in block and "round-nearest" in block], text
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_batch_one_greedy_after_quantize_equals_quantized_uncached_argmax(models, mode):
     """Batch 1: one-row products, and (JAX, TensorFlow) decode steps driven from the host."""

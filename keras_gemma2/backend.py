@@ -39,6 +39,16 @@ def is_concrete(x):
     return True
 
 
+# Inductor's CPU products for a torch.compile'd step: each matrix product is
+# autotuned between its C++ GEMM template (micro-kernels generated for the shape)
+# and ATen's (MKL) product. The template wins for a batch's few rows: measured on
+# an AVX2 machine, the 148M benchmark model's feed-forward for 8 rows 4.96 -> 2.26 ms
+# and its vocabulary table 13.8 -> 7.3 ms; its batch-8 decode ~85 -> ~113 tok/s.
+# One row is a plain reduction either way. A shape's first compile takes up to ~2x
+# longer (Inductor keeps its choices in its on-disk cache).
+TORCH_COMPILE_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+
+
 def compile_function(fn, variables, donate_first=False, torch_compile=False):
     """`fn` compiled with XLA where the backend can: jax.jit / tf.function(jit_compile=True).
 
@@ -47,7 +57,8 @@ def compile_function(fn, variables, donate_first=False, torch_compile=False):
     `donate_first`, JAX reuses the first argument's buffers for the outputs
     (a decode loop updates its KV cache in place instead of copying it per
     call; the caller must not read that argument afterwards). PyTorch runs
-    `fn` under no_grad, eagerly or (`torch_compile`) torch.compile'd.
+    `fn` under no_grad, eagerly or (`torch_compile`) torch.compile'd with
+    TORCH_COMPILE_OPTIONS.
 
     XLA's default CPU dots are used for decode loops too: with [out, in]
     kernels and the kernel as the left operand (layers.rows_times_transposed)
@@ -71,7 +82,8 @@ def compile_function(fn, variables, donate_first=False, torch_compile=False):
     import torch
 
     if torch_compile:
-        fn = torch.compile(fn)  # static shapes first; a second shape recompiles dynamic
+        # Static shapes first; a second shape recompiles dynamic.
+        fn = torch.compile(fn, options=TORCH_COMPILE_OPTIONS)
 
     def eager(*args):
         with torch.no_grad():

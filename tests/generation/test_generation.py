@@ -362,9 +362,13 @@ def test_torch_compiled_decode_steps_equal_eager_ones():
     eager_generator = model.generator
     model.jit_compile = True
     assert model.generator is not eager_generator  # rebuilt with a torch.compile'd step
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    compiled = [t.tolist() for t in model.generate(prompts, max_new_tokens=steps, stop_token_ids=())]
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
+    counters = torch._dynamo.utils.counters
+    graphs, autotuned = counters["stats"]["unique_graphs"], counters["inductor"]["select_algorithm_autotune"]
+    with torch._inductor.config.patch(force_disable_caches=True):  # autotune now, not from disk
+        compiled = [t.tolist() for t in model.generate(prompts, max_new_tokens=steps, stop_token_ids=())]
+    assert counters["stats"]["unique_graphs"] > graphs
+    # The batch's products were autotuned (Inductor's C++ GEMM template against ATen's).
+    assert counters["inductor"]["select_algorithm_autotune"] > autotuned
     assert compiled == eager
 
 

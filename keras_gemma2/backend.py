@@ -58,7 +58,9 @@ def compile_function(fn, variables, donate_first=False, torch_compile=False):
     (a decode loop updates its KV cache in place instead of copying it per
     call; the caller must not read that argument afterwards). PyTorch runs
     `fn` under no_grad, eagerly or (`torch_compile`) torch.compile'd with
-    TORCH_COMPILE_OPTIONS.
+    TORCH_COMPILE_OPTIONS. On JAX and TensorFlow the result's `traces()` is the
+    backend's own count of the programs it traced for it (tests check the
+    library's counts against it).
 
     XLA's default CPU dots are used for decode loops too: with [out, in]
     kernels and the kernel as the left operand (layers.rows_times_transposed)
@@ -74,11 +76,18 @@ def compile_function(fn, variables, donate_first=False, torch_compile=False):
                 return fn(*args)
 
         stateless = jax.jit(stateless, donate_argnums=(1,) if donate_first else ())
-        return lambda *args: stateless([v.value for v in variables], *args)
+
+        def compiled(*args):
+            return stateless([v.value for v in variables], *args)
+
+        compiled.traces = stateless._cache_size  # JAX's own count of the programs it traced
+        return compiled
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(fn, jit_compile=True)
+        compiled = tf.function(fn, jit_compile=True)
+        compiled.traces = compiled.experimental_get_tracing_count
+        return compiled
     import torch
 
     if torch_compile:

@@ -1,10 +1,37 @@
-"""Shared tiny configs and fixtures for the whole suite."""
+"""Shared tiny configs and fixtures for the whole suite, and where backend-agnostic tests run.
 
+Every test runs under each Keras backend (test.sh runs the suite three times) unless it is
+marked `backend_agnostic`: behaviour that no backend can change (argument checks that run
+before any tensor op, config and preset parsing, the tokenizer, file formats and atomic
+writes, CLI argument errors) runs once, under AGNOSTIC_BACKEND, and is deselected under
+the others. Numerics, compiled generation, training steps, quantized layers, export
+tracing and signal handling under each runtime stay unmarked: they run everywhere.
+"""
 
+import hashlib
+
+import keras
 import numpy as np
 import pytest
 
-from helpers import TINY
+
+# The backend that runs the backend-agnostic tests: JAX starts fastest of the three (the CLI
+# tests start the command in child processes), and it is the backend users train with.
+AGNOSTIC_BACKEND = "jax"
+
+
+def pytest_collection_modifyitems(config, items):
+    if keras.backend.backend() == AGNOSTIC_BACKEND:
+        return
+    agnostic = [item for item in items if item.get_closest_marker("backend_agnostic") is not None]
+    if agnostic:
+        config.hook.pytest_deselected(items=agnostic)
+        items[:] = [item for item in items if item.get_closest_marker("backend_agnostic") is None]
+
+
+def pytest_report_header(config):
+    where = "here" if keras.backend.backend() == AGNOSTIC_BACKEND else f"under {AGNOSTIC_BACKEND} only"
+    return f"keras backend: {keras.backend.backend()}; backend_agnostic tests run {where}"
 
 
 @pytest.fixture(scope="session")
@@ -94,13 +121,54 @@ def read_only_dir(monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_text_preset(tmp_path_factory, sentencepiece_path):
-    """(path, model): the tiny config with random weights and the tiny tokenizer, saved as a preset."""
-    from helpers import randomize_weights
-    from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM, Gemma2Tokenizer
+    """(path, model): tiny_model's weights with the tiny tokenizer, saved as a preset.
 
-    model = randomize_weights(
-        Gemma2CausalLM(Gemma2Backbone(TINY), tokenizer=Gemma2Tokenizer(sentencepiece_path))
-    )
+    Shared like tiny_model: a test must leave the model as it was.
+    """
+    from helpers import tiny
+    from keras_gemma2 import Gemma2Tokenizer
+
+    model = tiny(tokenizer=Gemma2Tokenizer(sentencepiece_path))
     path = str(tmp_path_factory.mktemp("tiny_text_preset") / "preset")
     model.save_to_preset(path)
     return path, model
+
+
+def _fingerprint(model):
+    """What a reading test must leave as it was: weights, adapters, quantization, sampler, switches."""
+    digest = hashlib.sha1()
+    for weight in model.get_weights():
+        digest.update(np.ascontiguousarray(weight).tobytes())
+    state = (model.backbone.lora_targets, model.dtype_policy.name, getattr(model, "_compiled_sampler", None),
+             model.jit_compile, model.tokenizer, [type(v).__name__ for v in model.weights])
+    return digest.hexdigest(), repr(state)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The tiny config with randomize_weights(seed=0), one model for the whole session.
+
+    Its compiled programs (forward, prefill, decode loops) are built once and reused by
+    every test that takes it. A test that changes its model (fit, quantize, LoRA, a
+    compiled sampler, another tokenizer) builds its own with helpers.tiny(): a change
+    to this one fails the test that made it (_shared_models_unchanged).
+    """
+    from helpers import tiny
+
+    return tiny()
+
+
+@pytest.fixture(autouse=True)
+def _shared_models_unchanged(request):
+    """A test that takes a shared model (directly or through a fixture) must leave it as it was."""
+    shared = {}
+    if "tiny_model" in request.fixturenames:
+        shared["tiny_model"] = request.getfixturevalue("tiny_model")
+    if "tiny_text_preset" in request.fixturenames:
+        shared["tiny_text_preset"] = request.getfixturevalue("tiny_text_preset")[1]
+    before = {name: _fingerprint(model) for name, model in shared.items()}
+    yield
+    for name, model in shared.items():
+        assert _fingerprint(model) == before[name], (
+            f"this test changed the shared {name} model: build a model of its own with helpers.tiny()"
+        )

@@ -120,6 +120,41 @@ def train_test_sentencepiece(path, **overrides):
     return path
 
 
+def tiny(config=TINY, seed=0, dtype=None, tokenizer=None):
+    """A fresh tiny model with randomize_weights(seed): for a test that changes its model.
+
+    A test that only reads a model takes conftest's shared `tiny_model` instead: its
+    compiled programs are reused across the whole session.
+    """
+    from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM
+
+    model = Gemma2CausalLM(Gemma2Backbone(config, dtype=dtype), tokenizer=tokenizer)
+    return randomize_weights(model, seed=seed)
+
+
+def logits_of(model, token_ids, padding_mask=None):
+    """The forward's float32 logits as numpy (no padding mask: every position is real)."""
+    import keras
+
+    inputs = {"token_ids": token_ids}
+    if padding_mask is not None:
+        inputs["padding_mask"] = padding_mask
+    return keras.ops.convert_to_numpy(model(inputs)).astype("float32")
+
+
+def backend_traces(generator):
+    """The backend's own count of programs traced for a generator's compiled functions.
+
+    JAX's jit cache sizes / TensorFlow's tracing counts (backend.compile_function's
+    `traces()`), summed: a check on the library's own `generator.compilations`.
+    """
+    total = 0
+    for functions in generator._functions.values():
+        for function in functions if isinstance(functions, tuple) else (functions,):
+            total += function.traces()
+    return total
+
+
 def randomize_weights(model, seed=0, scale=0.2, post_norm_scale=5.0):
     """Random weights whose greedy continuations vary (every weight set, norms included).
 

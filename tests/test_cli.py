@@ -8,7 +8,11 @@ import pytest
 import keras_gemma2
 from keras_gemma2.cli import main
 
+# Tests marked backend_agnostic run once, under conftest.AGNOSTIC_BACKEND (jax): the preset listing and argument errors
+# are plain Python.
 
+
+@pytest.mark.backend_agnostic
 def test_presets_and_info(capsys):
     assert main(["presets"]) == 0
     assert "gemma2_instruct_27b_en" in capsys.readouterr().out
@@ -68,6 +72,7 @@ def test_a_long_chat_drops_its_oldest_turns_and_says_so(tiny_text_preset, capsys
     assert "(dropped the 1 oldest turn(s) to stay within the model's context of 64 tokens)" in captured.err
 
 
+@pytest.mark.backend_agnostic
 def test_errors_are_reported_not_raised(capsys):
     assert main(["generate", "--preset", "gemma2_2b", "hi"]) == 2
     assert "Did you mean 'gemma2_2b_en'" in capsys.readouterr().err

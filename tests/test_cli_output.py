@@ -15,6 +15,9 @@ from keras_gemma2 import Gemma2Config, cli
 from keras_gemma2.io import safetensors_files
 from keras_gemma2.version import __version__
 
+# Tests marked backend_agnostic run once, under conftest.AGNOSTIC_BACKEND (jax): argument parsing, help text and
+# one-line errors; the TensorFlow-logs test sets KERAS_BACKEND=tensorflow in its own children.
+
 
 def _one_error_line(err):
     lines = err.strip().splitlines()
@@ -29,6 +32,7 @@ def _one_error_line(err):
     (errno.EROFS, "file system is read-only"),
     (errno.EACCES, "check its permissions"),
 ])
+@pytest.mark.backend_agnostic
 def test_a_failed_write_names_the_path_and_the_fix(tiny_text_preset, tmp_path, monkeypatch, capsys, code, fix):
     """A full disk or a read-only folder (tests run as root: the failure is injected)."""
     path, _ = tiny_text_preset
@@ -45,6 +49,7 @@ def test_a_failed_write_names_the_path_and_the_fix(tiny_text_preset, tmp_path, m
     assert os.strerror(code) in line and str(tmp_path) in line and fix in line, line
 
 
+@pytest.mark.backend_agnostic
 def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(monkeypatch, capsys):
     def broken(preset):
         raise KeyError("head_dim")
@@ -63,6 +68,7 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(monkeypat
         cli.main(["info", "--preset", "gemma2_tiny_test"])
 
 
+@pytest.mark.backend_agnostic
 def test_a_multi_line_message_becomes_one_line(monkeypatch, capsys):
     def broken(preset):
         raise RuntimeError("The export process failed: ValueError: bad\nTraceback (most recent call last):\n  x")
@@ -74,6 +80,7 @@ def test_a_multi_line_message_becomes_one_line(monkeypatch, capsys):
 
 
 # ---- --version and --help ----------------------------------------------------------
+@pytest.mark.backend_agnostic
 def test_version(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["--version"])
@@ -86,6 +93,7 @@ def _subparsers(parser):
     return commands.choices
 
 
+@pytest.mark.backend_agnostic
 def test_every_option_in_every_command_states_its_default():
     parser = cli.build_parser()
     parsers = {"keras-gemma2": parser, **_subparsers(parser)}
@@ -113,12 +121,14 @@ def test_every_option_in_every_command_states_its_default():
     (["--temperature", "0.8", "--seed", "1"], "temperature (from --temperature"),
     (["--top-p", "0.9", "--top-k", "5"], "top_p (from --top-p"),
 ])
+@pytest.mark.backend_agnostic
 def test_sampling_flags_choose_the_sampler_and_say_so(flags, chosen, capsys):
     args = cli.build_parser().parse_args(["generate", "--preset", "p", "hi", *flags])
     assert cli._choose_sampler(args) == chosen.split(" ")[0]
     assert capsys.readouterr().err == f"sampler: {chosen}; pass --sampler to choose another)\n"
 
 
+@pytest.mark.backend_agnostic
 def test_no_flag_is_greedy_and_an_explicit_sampler_wins(capsys):
     for argv, expected in ((["hi"], "greedy"), (["--sampler", "top_k", "--top-p", "0.5", "hi"], "top_k")):
         args = cli.build_parser().parse_args(["generate", "--preset", "p", *argv])
@@ -142,6 +152,7 @@ def test_generate_with_temperature_samples_instead_of_failing_or_being_greedy(ti
 _LOG_LINE = re.compile(r"^[IWEF]\d{4} [\d:.]+ +\d+ \S+:\d+\] |^WARNING: All log messages before absl", re.M)
 
 
+@pytest.mark.backend_agnostic
 def test_tensorflow_start_up_logs_are_hidden_unless_asked_for(tiny_text_preset):
     """oneDNN, cudart (each printed twice), cpu_feature_guard, cuInit: hidden by default;
     the user's TF_CPP_MIN_LOG_LEVEL or --backend-logs brings them back."""

@@ -6,6 +6,10 @@ import pytest
 import keras_gemma2
 from keras_gemma2 import Gemma2Config
 
+# Backend-agnostic: runs once, under conftest.AGNOSTIC_BACKEND (jax): configs, presets and parameter
+# counts are plain Python (the built model only counts its variables).
+pytestmark = pytest.mark.backend_agnostic
+
 # From the Gemma 2 paper / model cards.
 PAPER_SIZES = {
     # name: (layers, hidden, per-branch FFN, q heads, kv heads, head_dim, query_pre_attn_scalar, params)

@@ -13,7 +13,12 @@ not an import of it, while `from keras_gemma2 import Gemma2CausalLM` is.
 import ast
 import os
 
+import pytest
+
 import keras_gemma2
+
+# Backend-agnostic: runs once, under conftest.AGNOSTIC_BACKEND (jax): it reads the source with ast.
+pytestmark = pytest.mark.backend_agnostic
 
 PACKAGE = "keras_gemma2"
 

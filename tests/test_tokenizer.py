@@ -11,6 +11,10 @@ from helpers import TEST_VOCABULARY_SIZE, train_test_sentencepiece
 from keras_gemma2.checkpoints import presets
 from keras_gemma2.tokenizer import Gemma2Tokenizer
 
+# Backend-agnostic: runs once, under conftest.AGNOSTIC_BACKEND (jax): the tokenizer is SentencePiece
+# and Python on host strings and ids; no Keras backend takes part.
+pytestmark = pytest.mark.backend_agnostic
+
 ROUND_TRIP_TEXTS = [
     "Hello, world! How are you today?",
     "The quick brown fox jumps over the lazy dog.",

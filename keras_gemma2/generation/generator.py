@@ -221,6 +221,8 @@ class Generator:
                     at += 1
                 return state
 
+            if hasattr(compiled, "traces"):
+                run_from_host.traces = compiled.traces
             return run_from_host
 
         def run(state, seed, stop_at):

@@ -97,6 +97,11 @@ def draft_key(draft_model):
     return (draft_model, tuple(backbone.lora_targets or ()), tuple(id(v) for v in backbone.variables))
 
 
+def resample_distribution(p, q):
+    """After a rejection: max(0, p - q), unnormalized (the sampler draws from its logarithm)."""
+    return ops.maximum(p - q, 0.0)
+
+
 def build(generator, draft_model, bucket, cache_length, kind, window, k):
     """(start, run) compiled: prefill both models, then rounds of k proposals and one verification."""
     target, drafter = generator.model.backbone, draft_model.backbone
@@ -162,7 +167,7 @@ def build(generator, draft_model, bucket, cache_length, kind, window, k):
             return kept, ops.take(best, kept, axis=1)
         accepted_there = ops.take(ops.concatenate([accept, ops.zeros((batch, 1), "bool")], axis=1), kept, axis=1)
         padded = ops.concatenate([drafted, ops.zeros((batch, 1), "int32")], axis=1)
-        residual = ops.maximum(ops.take(p, kept, axis=1) - ops.take(q, kept, axis=1), 0.0)
+        residual = resample_distribution(ops.take(p, kept, axis=1), ops.take(q, kept, axis=1))
         draw = backend.stateless_categorical(
             ops.where(residual > 0, ops.log(ops.maximum(residual, 1e-30)), -1e30), key(seed, step, k + 1)
         )

@@ -13,6 +13,9 @@ from keras_gemma2.checkpoints import download
 from keras_gemma2.io import safetensors_files
 from reference import hf_logits, random_hf_model, save_hf_checkpoint
 
+# Tests marked backend_agnostic run once, under conftest.AGNOSTIC_BACKEND (jax): missing, corrupt or
+# mismatched files, downloads and refused saves are file and config checks made before any tensor.
+
 TINY = Gemma2Config.from_preset("gemma2_tiny_test")
 
 
@@ -119,16 +122,19 @@ def test_tokenizer_and_backbone_classmethods(tmp_path, sentencepiece_path):
 
 
 # ---- bad inputs --------------------------------------------------------------------
+@pytest.mark.backend_agnostic
 def test_unknown_preset_name_suggests_close_names():
     with pytest.raises(ValueError, match=r"Unknown preset 'gemma2_2b'. Did you mean 'gemma2_2b_en'"):
         keras_gemma2.from_preset("gemma2_2b")
 
 
+@pytest.mark.backend_agnostic
 def test_missing_directory_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         keras_gemma2.from_preset(str(tmp_path / "nowhere"))
 
 
+@pytest.mark.backend_agnostic
 def test_registered_preset_that_cannot_be_downloaded(monkeypatch):
     tried = []
 
@@ -148,6 +154,7 @@ def test_registered_preset_that_cannot_be_downloaded(monkeypatch):
     assert Gemma2Config.from_preset("gemma2_2b_en").num_layers == 26
 
 
+@pytest.mark.backend_agnostic
 def test_download_without_client_libraries_says_what_to_install(monkeypatch):
     import builtins
 
@@ -165,6 +172,7 @@ def test_download_without_client_libraries_says_what_to_install(monkeypatch):
         download.fetch("hf://google/gemma-2-2b")
 
 
+@pytest.mark.backend_agnostic
 def test_directory_missing_files(tmp_path, hf_dir):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -175,6 +183,7 @@ def test_directory_missing_files(tmp_path, hf_dir):
         keras_gemma2.from_preset(hf_dir)
 
 
+@pytest.mark.backend_agnostic
 def test_missing_shard_is_named(tmp_path):
     directory = save_hf_checkpoint(random_hf_model(TINY), str(tmp_path / "hf"), max_shard_size="20KB")
     shard = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))[-1]
@@ -183,6 +192,7 @@ def test_missing_shard_is_named(tmp_path):
         keras_gemma2.from_preset(directory)
 
 
+@pytest.mark.backend_agnostic
 def test_shape_mismatch_names_tensor_and_shapes(hf_dir):
     config_path = os.path.join(hf_dir, "config.json")
     config = json.load(open(config_path))
@@ -195,6 +205,7 @@ def test_shape_mismatch_names_tensor_and_shapes(hf_dir):
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+@pytest.mark.backend_agnostic
 def test_corrupt_weights_file(hf_dir, damage):
     path = os.path.join(hf_dir, "model.safetensors")
     data = open(path, "rb").read()
@@ -205,6 +216,7 @@ def test_corrupt_weights_file(hf_dir, damage):
 
 
 @pytest.mark.parametrize("model_type", ["gemma", "gemma3", "llama"])
+@pytest.mark.backend_agnostic
 def test_other_model_types_are_rejected(hf_dir, model_type):
     config_path = os.path.join(hf_dir, "config.json")
     config = json.load(open(config_path))
@@ -214,6 +226,7 @@ def test_other_model_types_are_rejected(hf_dir, model_type):
         keras_gemma2.from_preset(hf_dir)
 
 
+@pytest.mark.backend_agnostic
 def test_save_to_non_empty_directory_is_refused(tmp_path):
     target = tmp_path / "taken"
     target.mkdir()
@@ -223,6 +236,7 @@ def test_save_to_non_empty_directory_is_refused(tmp_path):
     assert os.listdir(target) == ["notes.txt"]
 
 
+@pytest.mark.backend_agnostic
 def test_save_to_unwritable_location_is_refused(tmp_path, read_only_dir):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
@@ -233,6 +247,7 @@ def test_save_to_unwritable_location_is_refused(tmp_path, read_only_dir):
     assert os.listdir(read_only_dir) == ["existing.txt"]
 
 
+@pytest.mark.backend_agnostic
 def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
     calls = []
     real_write = safetensors_files.write_file
@@ -249,6 +264,7 @@ def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.backend_agnostic
 def test_handles_go_through_the_download_clients(monkeypatch, hf_dir):
     """kaggle:// and hf:// reach kagglehub / huggingface_hub and load what they return."""
     import sys

@@ -19,6 +19,9 @@ from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM, Gemma2Config  # noqa: E
 from keras_gemma2.checkpoints.kerashub_format import read_kerashub_preset  # noqa: E402
 from keras_gemma2.checkpoints.presets import KERASHUB_TOKENIZER_FILE, read_checkpoint  # noqa: E402
 
+# Tests marked backend_agnostic run once, under conftest.AGNOSTIC_BACKEND (jax): the config mapping and
+# the refusals of other architectures and broken files are parsing, before any tensor.
+
 VOCAB = 128  # the test SentencePiece model's size
 WINDOW = 4
 SEQUENCE = 12  # longer than the window, so the window changes the logits
@@ -147,6 +150,7 @@ def _edit_config(directory, **changes):
 
 
 # ---- the preset keras-hub writes -------------------------------------------------
+@pytest.mark.backend_agnostic
 def test_preset_is_what_kaggle_ships(kerashub_preset):
     directory = kerashub_preset[0]
     for name in ("config.json", "metadata.json", "model.weights.h5", "tokenizer.json"):
@@ -154,6 +158,7 @@ def test_preset_is_what_kaggle_ships(kerashub_preset):
     assert os.path.isfile(os.path.join(directory, KERASHUB_TOKENIZER_FILE))
 
 
+@pytest.mark.backend_agnostic
 def test_config_mapping(kerashub_preset):
     config, tensors = read_kerashub_preset(kerashub_preset[0], Gemma2Config)
     assert config.vocabulary_size == VOCAB
@@ -227,6 +232,7 @@ def test_comparison_exercises_window_and_final_soft_cap(kerashub_preset):
     assert difference[0, WINDOW:].min() > 1e-3
 
 
+@pytest.mark.backend_agnostic
 def test_tokenizer_is_found(kerashub_preset):
     directory = kerashub_preset[0]
     _, _, tokenizer_path = read_checkpoint(directory, Gemma2Config)
@@ -328,6 +334,7 @@ def test_27b_style_query_scalar(tmp_path):
         ("BertBackbone", r"'keras_hub>BertBackbone' model \(not Gemma 2\)"),
     ],
 )
+@pytest.mark.backend_agnostic
 def test_rejects_other_architectures(preset_copy, class_name, match):
     _edit_config(preset_copy, class_name=class_name)
     with pytest.raises(ValueError, match=match):
@@ -344,6 +351,7 @@ def test_rejects_other_architectures(preset_copy, class_name, match):
         ("final_logit_soft_cap", None),
     ],
 )
+@pytest.mark.backend_agnostic
 def test_rejects_gemma1_flags(preset_copy, field, value):
     _edit_config(preset_copy, **{field: value})
     match = rf"config\.json is not a Gemma 2 preset .*Gemma 1.*`{field}`"
@@ -351,6 +359,7 @@ def test_rejects_gemma1_flags(preset_copy, field, value):
         Gemma2Backbone.from_preset(preset_copy)
 
 
+@pytest.mark.backend_agnostic
 def test_rejects_quantized_and_odd_intermediate(preset_copy):
     _edit_config(
         preset_copy,
@@ -363,12 +372,14 @@ def test_rejects_quantized_and_odd_intermediate(preset_copy):
         Gemma2Backbone.from_preset(preset_copy)
 
 
+@pytest.mark.backend_agnostic
 def test_missing_weights_file(preset_copy):
     os.remove(os.path.join(preset_copy, "model.weights.h5"))
     with pytest.raises(FileNotFoundError, match=r"has no weights: expected model\.weights\.h5"):
         Gemma2Backbone.from_preset(preset_copy)
 
 
+@pytest.mark.backend_agnostic
 def test_truncated_weights_file(preset_copy):
     path = os.path.join(preset_copy, "model.weights.h5")
     size = os.path.getsize(path)
@@ -381,6 +392,7 @@ def test_truncated_weights_file(preset_copy):
     assert "download" not in str(caught.value).lower()
 
 
+@pytest.mark.backend_agnostic
 def test_shape_mismatch(preset_copy):
     _edit_config(preset_copy, vocabulary_size=256)
     with pytest.raises(
@@ -391,6 +403,7 @@ def test_shape_mismatch(preset_copy):
         Gemma2Backbone.from_preset(preset_copy)
 
 
+@pytest.mark.backend_agnostic
 def test_layer_count_mismatch(preset_copy):
     _edit_config(preset_copy, num_layers=NUM_LAYERS - 1)
     with pytest.raises(ValueError, match=rf"holds {NUM_LAYERS} decoder blocks but .*num_layers=11"):

@@ -11,19 +11,15 @@ import pytest
 import keras_gemma2
 from helpers import TINY, randomize_weights
 
+# Tests marked backend_agnostic run once, under conftest.AGNOSTIC_BACKEND (jax): export's argument checks run before
+# any tracing.
+
 ON_TF = keras.backend.backend() == "tensorflow"
 needs_tf = pytest.mark.skipif(not ON_TF, reason="in-process export traces with TensorFlow; other backends go through a child process (tested once)")
 # Prompts shorter than, equal to and longer than the window (4): the window is exercised in prefill and decode.
 PROMPTS = ([2, 5, 9], [2, 5, 9, 17, 33, 40, 41], list(range(2, 15)))
 CACHE = 24
 BUCKETS = (4, 8, 16)
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    keras.utils.set_random_seed(0)
-    model = keras_gemma2.Gemma2CausalLM(keras_gemma2.Gemma2Backbone(TINY))
-    return randomize_weights(model)
 
 
 def _reference(model, prompt):
@@ -375,6 +371,7 @@ def test_the_tensorflow_child_gets_the_embedding_quantization(tiny_model, tmp_pa
         ({"format": "saved_model", "quantization": "int4", "embedding_quantization": "int8"}, ".tflite export"),
     ],
 )
+@pytest.mark.backend_agnostic
 def test_bad_arguments_fail_before_any_work(tiny_model, tmp_path, kwargs, message):
     kwargs = {"path": "m.tflite", "cache_length": 16, **kwargs}
     if kwargs.get("format") == "saved_model" and kwargs["path"] == "m.tflite":

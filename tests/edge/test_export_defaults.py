@@ -15,6 +15,9 @@ from keras_gemma2 import Gemma2Config, cli
 from keras_gemma2.edge import plan
 from keras_gemma2.edge.plan import export_lengths, plan_export
 
+# Tests marked backend_agnostic run once, under conftest.AGNOSTIC_BACKEND (jax): the default lengths come from
+# the config alone.
+
 
 @pytest.mark.parametrize("preset, cache_length, prefill_lengths, expected", [
     ("gemma2_demo", None, None, (512, (32, 128, 512))),  # context 512: the old 1024 did not fit
@@ -24,6 +27,7 @@ from keras_gemma2.edge.plan import export_lengths, plan_export
     ("gemma2_2b_en", None, None, (1024, (32, 128, 512))),
     ("gemma2_2b_en", 2048, [64], (2048, (64,))),  # given values are kept
 ])
+@pytest.mark.backend_agnostic
 def test_default_lengths_are_derived_from_the_model(preset, cache_length, prefill_lengths, expected):
     config = Gemma2Config.from_preset(preset)
     assert export_lengths(config, cache_length, prefill_lengths) == expected
@@ -40,6 +44,7 @@ def test_the_library_export_uses_the_same_defaults(tmp_path):
     assert (plan.cache_length, plan.prefill_lengths) == (16, (16,))
 
 
+@pytest.mark.backend_agnostic
 def test_the_cli_states_and_uses_the_library_defaults():
     """`keras-gemma2 export --help` states export()'s defaults, from edge/plan.py, and hides the child's options."""
     (commands,) = [a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)]

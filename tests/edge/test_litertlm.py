@@ -41,9 +41,16 @@ def engine(bundle, tmp_path_factory):
 
 
 def _generated_ids(model, ids, max_new_tokens):
-    """`generate`'s greedy continuation of `ids` (stopping where it stops), as a list."""
+    """`generate`'s greedy continuation of `ids` (stopping where it stops), as a list.
+
+    The engine gives text, not ids, and a control id detokenizes to "": every id here must
+    show in the text, so that equal text means equal ids.
+    """
     out = model.generate(np.array([ids]), max_new_tokens=max_new_tokens, sampler="greedy")
-    return [int(t) for t in np.asarray(out[0])]
+    generated = [int(t) for t in np.asarray(out[0])]
+    silent = [i for i in generated if model.tokenizer.detokenize([i]) == ""]
+    assert not silent, f"ids {silent} detokenize to nothing: a text comparison would not see them"
+    return generated
 
 
 def _ids(model, text, bos):
@@ -223,8 +230,13 @@ def test_cli_run_and_chat_stream_the_engine(bundle, engine, capsys, monkeypatch)
     lines = iter(["Hello there", "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     assert cli.main(["chat", path, "--max-new-tokens", "6"]) == 0
-    reply = "".join(engine.start_chat(max_new_tokens=6).send("Hello there"))
-    assert f"model> {reply}\n" in capsys.readouterr().out
+    # The reply is `generate`'s over the chat turn's ids (the engine's own rendering of the turn).
+    chat = engine.start_chat(max_new_tokens=6)
+    turn = chat.turn_text("Hello there")
+    chat.close()
+    assert turn == model.tokenizer.apply_chat_template([{"role": "user", "content": "Hello there"}])
+    reply = model.tokenizer.detokenize(_generated_ids(model, _ids(model, turn, bos=True), 6))
+    assert len(reply) > 2 and f"model> {reply}\n" in capsys.readouterr().out
 
 
 def test_cli_export_writes_a_bundle_that_cli_run_continues_like_generate(tmp_path, capsys):

@@ -53,7 +53,11 @@ def test_a_keras_hub_top_k_sampler_samples_with_its_seed(model):
     keras_hub = pytest.importorskip("keras_hub")
     try:
         model.compile(sampler=keras_hub.samplers.TopKSampler(k=5, seed=2))
-        assert tokens(model) == tokens(model, sampler=Sampler(top_k=5), seed=2)
+        sampled = tokens(model)
+        assert sampled == tokens(model, sampler=Sampler(top_k=5), seed=2)
+        # It sampled (greedy runs would also be equal), with its own seed (another seed differs).
+        assert sampled != tokens(model, sampler="greedy")
+        assert sampled != tokens(model, sampler=Sampler(top_k=5), seed=3)
     finally:
         model._compiled_sampler = ("greedy", None)
 

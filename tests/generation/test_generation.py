@@ -4,24 +4,19 @@ import keras
 import numpy as np
 import pytest
 
-from helpers import randomize_weights
-from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM, Gemma2Config, Gemma2Tokenizer
+from helpers import TINY, backend_traces, randomize_weights, tiny
+from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM, Gemma2Config
 from keras_gemma2 import backend
 from keras_gemma2.model.kv_cache import CacheLayout
 from keras_gemma2.generation.samplers import BeamSearch, Sampler
 
-TINY = Gemma2Config.from_preset("gemma2_tiny_test")  # sliding window 4
-WINDOW = TINY.sliding_window_size
-
-
-def tiny_model(config=TINY, seed=0, tokenizer=None):
-    model = Gemma2CausalLM(Gemma2Backbone(config), tokenizer=tokenizer)
-    return randomize_weights(model, seed=seed)
+WINDOW = TINY.sliding_window_size  # 4
 
 
 @pytest.fixture(scope="module")
-def model():
-    return tiny_model()
+def model(tiny_model):
+    """The session's shared tiny model (tests that count compilations build their own)."""
+    return tiny_model
 
 
 def full_forward_logits(model, sequence):
@@ -109,35 +104,37 @@ def test_greedy_matches_transformers_generate(tmp_path):
 
 
 # ---- compilation ------------------------------------------------------------------
+COMPILES = pytest.mark.skipif(not backend.compiles(), reason="PyTorch runs generation eagerly: nothing compiles")
+
+
+@COMPILES
 def test_one_compilation_per_bucket():
-    model = tiny_model()
+    model = tiny()
     model.generate([[5, 6, 7]], max_new_tokens=8, stop_token_ids=())
-    first = model.generator.compilations
+    # prefill + decode loop, by the library's count and by the backend's own.
+    assert model.generator.compilations == backend_traces(model.generator) == 2
     model.generate([[9, 10, 11, 12, 13, 14, 15, 16, 17, 18]], max_new_tokens=8, stop_token_ids=())
     model.generate([[1, 2]], max_new_tokens=8, stop_token_ids=())
-    if backend.compiles():
-        assert first == 2  # prefill + decode loop
-        assert model.generator.compilations == first  # same bucket (16): reused
-        model.generate([list(range(1, 20))], max_new_tokens=8, stop_token_ids=())  # bucket 32
-        assert model.generator.compilations == first + 2
-    else:
-        assert model.generator.compilations == 0  # torch runs eagerly
+    assert model.generator.compilations == backend_traces(model.generator) == 2  # same bucket (16): reused
+    model.generate([list(range(1, 20))], max_new_tokens=8, stop_token_ids=())  # bucket 32
+    assert model.generator.compilations == backend_traces(model.generator) == 4
     # Prefill runs over the prompt bucket, not over the generation length.
-    buckets = {key[1] for key in model.generator._functions}
-    assert buckets <= {16, 32}
+    assert {key[1] for key in model.generator._functions} == {16, 32}
 
 
+@COMPILES
 def test_one_program_pair_per_sampler_kind_across_requests():
     """Prompt length (one bucket), budget (one cache bucket), stop ids, seed and the sampler's
     numbers change on every call: nothing compiles after the first call of each sampler kind."""
-    model = tiny_model()
+    model = tiny()
     rng = np.random.default_rng(0)
     for call in range(10):
         prompt = rng.integers(1, TINY.vocabulary_size, 3 + call).tolist()  # 3..12 tokens: bucket 16
         options = dict(max_new_tokens=4 + call, stop_token_ids=rng.integers(1, 128, call % 3).tolist())
         model.generate(prompt, **options)  # 16 + 13 <= 32: one cache bucket
         model.generate(prompt, sampler="top_k", top_k=5 + call, temperature=0.5 + 0.1 * call, seed=call, **options)
-    assert model.generator.compilations == (4 if backend.compiles() else 0)  # prefill + decode, twice
+        # prefill + decode, for greedy and for top-k: from the first call on, nothing new.
+        assert model.generator.compilations == backend_traces(model.generator) == 4
     assert len(model.generator._functions) == 2
 
 
@@ -160,7 +157,7 @@ def test_sampling_follows_the_seeded_rule_whatever_the_budget(model):
 
 def test_no_forward_pass_after_the_last_token(monkeypatch):
     """The first token comes from prefill; a decode step only feeds a token that is kept."""
-    model = tiny_model()
+    model = tiny()
     forwards = []  # decode steps: forward passes of one token per row
     forward_pass = Gemma2Backbone.forward_pass
 
@@ -235,7 +232,7 @@ def test_top_p_keeps_the_nucleus(model):
 
 def test_beam_search_is_exact_when_beams_cover_the_vocabulary():
     config = TINY.replace(vocabulary_size=12)
-    model = tiny_model(config, seed=5)
+    model = tiny(config, seed=5)
     prompt = [3, 4, 5]
     result = model.generate([prompt], max_new_tokens=2, stop_token_ids=(),
                             sampler=BeamSearch(num_beams=12), return_logprobs=True)
@@ -263,8 +260,8 @@ def test_rows_stop_at_their_own_stop_tokens(model):
 
 
 @pytest.fixture(scope="module")
-def text_model(sentencepiece_path):
-    return tiny_model(tokenizer=Gemma2Tokenizer(sentencepiece_path))
+def text_model(tiny_text_preset):
+    return tiny_text_preset[1]
 
 
 def test_text_in_text_out_and_stop_strings(text_model):
@@ -317,11 +314,11 @@ def test_chat_uses_the_template_and_stops_at_end_of_turn(text_model):
         ([[1, 2]], {"sliding_window_size": 0}, "sliding_window_size must be an integer"),
     ],
 )
-def test_bad_generation_requests(inputs, kwargs, message):
-    model = tiny_model()
+def test_bad_generation_requests(model, inputs, kwargs, message):
+    before = model.generator.compilations, dict(model.generator._functions)
     with pytest.raises(ValueError, match=message):
         model.generate(inputs, **kwargs)
-    assert model.generator.compilations == 0
+    assert (model.generator.compilations, model.generator._functions) == before  # refused before compiling
 
 
 def test_empty_text_prompt(text_model):
@@ -356,7 +353,7 @@ def test_torch_compiled_decode_steps_equal_eager_ones():
     """`model.jit_compile = True` (Keras' switch) torch.compiles the decode step: same tokens."""
     import torch
 
-    model = tiny_model()
+    model = tiny()
     prompts, steps = [[3, 17, 29], [5, 9, 44, 81, 2, 60, 71, 8, 33]], 3 * WINDOW + 2
     eager = [t.tolist() for t in model.generate(prompts, max_new_tokens=steps, stop_token_ids=())]
     eager_generator = model.generator

@@ -4,7 +4,13 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from keras_gemma2.io import atomic
+
+# Backend-agnostic: runs once, under conftest.AGNOSTIC_BACKEND (jax): staging folders and atomic writes
+# are file-system operations.
+pytestmark = pytest.mark.backend_agnostic
 
 
 def _staging_left_by_a_killed_process(parent, prefix):

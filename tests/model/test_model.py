@@ -9,22 +9,9 @@ import numpy as np
 import pytest
 
 import keras_gemma2
-from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM, Gemma2Config
+from helpers import TINY, logits_of, tiny
+from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM
 from keras_gemma2.model.layers import TiedEmbedding
-
-TINY = Gemma2Config.from_preset("gemma2_tiny_test")
-
-
-def tiny_model(dtype=None, config=TINY, seed=0):
-    keras.utils.set_random_seed(seed)
-    return Gemma2CausalLM(Gemma2Backbone(config, dtype=dtype))
-
-
-def logits_of(model, token_ids, padding_mask=None):
-    inputs = {"token_ids": token_ids}
-    if padding_mask is not None:
-        inputs["padding_mask"] = padding_mask
-    return keras.ops.convert_to_numpy(model(inputs)).astype("float32")
 
 
 def random_ids(shape, seed=0, vocabulary_size=TINY.vocabulary_size):
@@ -34,8 +21,8 @@ def random_ids(shape, seed=0, vocabulary_size=TINY.vocabulary_size):
 # ---- dtypes ---------------------------------------------------------------
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "mixed_bfloat16", "mixed_float16"])
 def test_dtype_policies(dtype):
-    reference = tiny_model("float32")
-    model = tiny_model(dtype)
+    reference = tiny(dtype="float32")
+    model = tiny(dtype=dtype)
     model.set_weights(reference.get_weights())
     policy = keras.dtype_policies.get(dtype)
     assert model.backbone.dtype_policy.name == policy.name
@@ -61,7 +48,7 @@ def scale_weights_for_huge_activations(model, factor):
 
 def test_float16_stays_finite_where_activations_pass_its_range():
     """Gemma 2's float16 failure mode: residual stream and FFN products above 65504."""
-    reference = tiny_model("float32")
+    reference = tiny(dtype="float32")
     scale_weights_for_huge_activations(reference, 3e4)
     token_ids = random_ids((2, 16))
 
@@ -76,7 +63,7 @@ def test_float16_stays_finite_where_activations_pass_its_range():
     exact = logits_of(reference, token_ids)
     results = {}
     for dtype in ("bfloat16", "float16", "mixed_float16"):
-        model = tiny_model(dtype)
+        model = tiny(dtype=dtype)
         model.set_weights(reference.get_weights())
         results[dtype] = logits_of(model, token_ids)
     assert np.isfinite(results["bfloat16"]).all()
@@ -105,22 +92,22 @@ def test_unknown_dtype_is_rejected():
 
 
 # ---- inputs -----------------------------------------------------------------
-def test_token_ids_outside_vocabulary_are_rejected():
-    model = tiny_model()
+def test_token_ids_outside_vocabulary_are_rejected(tiny_model):
+    model = tiny_model
     with pytest.raises(ValueError, match=r"Token ids must lie in \[0, 128\); found \[128\]"):
         model({"token_ids": np.array([[1, 2, 128]])})
     with pytest.raises(ValueError, match=r"found \[-1\]"):
         model({"token_ids": np.array([[1, -1, 3]])})
 
 
-def test_sequence_longer_than_max_is_rejected():
-    model = tiny_model()
+def test_sequence_longer_than_max_is_rejected(tiny_model):
+    model = tiny_model
     with pytest.raises(ValueError, match="Sequence length 65 exceeds the model's max_sequence_length 64"):
         model({"token_ids": np.ones((1, 65), "int32")})
 
 
-def test_bad_input_shapes_are_rejected():
-    model = tiny_model()
+def test_bad_input_shapes_are_rejected(tiny_model):
+    model = tiny_model
     with pytest.raises(ValueError, match=r"Add a batch axis"):
         model({"token_ids": np.ones((5,), "int32")})
     with pytest.raises(ValueError, match="padding_mask` shape"):
@@ -131,16 +118,16 @@ def test_bad_input_shapes_are_rejected():
         model({"ids": np.ones((1, 5), "int32")})
 
 
-def test_missing_padding_mask_means_no_padding():
-    model = tiny_model()
+def test_missing_padding_mask_means_no_padding(tiny_model):
+    model = tiny_model
     token_ids = random_ids((2, 9))
     np.testing.assert_array_equal(
         logits_of(model, token_ids), logits_of(model, token_ids, np.ones_like(token_ids))
     )
 
 
-def test_right_padding_does_not_change_real_positions():
-    model = tiny_model()
+def test_right_padding_does_not_change_real_positions(tiny_model):
+    model = tiny_model
     token_ids = random_ids((1, 10))
     padded = np.concatenate([token_ids, np.zeros((1, 5), "int32")], axis=1)
     mask = np.concatenate([np.ones((1, 10)), np.zeros((1, 5))], axis=1).astype("int32")
@@ -164,7 +151,7 @@ def test_unsupported_backend_is_rejected():
 
 # ---- training -----------------------------------------------------------------
 def test_fit_trains_on_next_token_with_padding_masked():
-    model = tiny_model()
+    model = tiny()
     model.compile(optimizer=keras.optimizers.Adam(1e-2))
     token_ids = random_ids((8, 12), seed=3)
     padding_mask = np.ones_like(token_ids)
@@ -187,8 +174,8 @@ def test_fit_trains_on_next_token_with_padding_masked():
 
 
 # ---- scoring ----------------------------------------------------------------------
-def test_score_returns_next_token_log_probs():
-    model = tiny_model()
+def test_score_returns_next_token_log_probs(tiny_model):
+    model = tiny_model
     token_ids = random_ids((2, 10), seed=4)
     padding_mask = np.ones_like(token_ids)
     padding_mask[1, 6:] = 0
@@ -202,9 +189,8 @@ def test_score_returns_next_token_log_probs():
     assert (scores[1, 5:] == 0).all() and (scores[:, :5] < 0).all()
 
 
-def test_score_text_with_tokenizer(sentencepiece_path):
-    model = tiny_model()
-    model.tokenizer = keras_gemma2.Gemma2Tokenizer(sentencepiece_path)
+def test_score_text_with_tokenizer(tiny_text_preset):
+    _, model = tiny_text_preset
     texts = ["def f(x): return x", "hello world, hello"]
     scores = model.score(texts)
     for text, row in zip(texts, scores):
@@ -226,8 +212,8 @@ def test_get_config_lists_every_constructor_argument():
         assert clone.get_config() == layer.get_config()
 
 
-def test_keras_file_round_trip(tmp_path):
-    model = tiny_model()
+def test_keras_file_round_trip(tiny_model, tmp_path):
+    model = tiny_model
     token_ids = random_ids((1, 8))
     path = str(tmp_path / "model.keras")
     model.save(path)
@@ -236,6 +222,6 @@ def test_keras_file_round_trip(tmp_path):
     np.testing.assert_array_equal(logits_of(restored, token_ids), logits_of(model, token_ids))
 
 
-def test_summary_runs(capsys):
-    tiny_model().summary()
+def test_summary_runs(tiny_model, capsys):
+    tiny_model.summary()
     assert "gemma2_backbone" in capsys.readouterr().out

@@ -8,8 +8,8 @@ import keras
 import numpy as np
 import pytest
 
-from helpers import randomize_weights
-from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM, Gemma2Config, Gemma2Tokenizer
+from helpers import logits_of, tiny
+from keras_gemma2 import Gemma2CausalLM, Gemma2Config
 from keras_gemma2.model.layers import Projection, TiedEmbedding, soft_cap
 from keras_gemma2.model.quantization import quantization_modes
 
@@ -17,15 +17,6 @@ TINY = Gemma2Config.from_preset("gemma2_tiny_test")  # sliding window 4
 WINDOW = TINY.sliding_window_size
 MODES = ("int8", "int4")
 BOUND = {"int8": 127, "int4": 7}
-
-
-def tiny_model(dtype=None, seed=0, tokenizer=None):
-    model = Gemma2CausalLM(Gemma2Backbone(TINY, dtype=dtype), tokenizer=tokenizer)
-    return randomize_weights(model, seed=seed)
-
-
-def logits_of(model, token_ids):
-    return keras.ops.convert_to_numpy(model({"token_ids": token_ids})).astype("float32")
 
 
 def random_ids(seed=0):
@@ -39,12 +30,14 @@ STEPS = 3 * WINDOW + 2  # the ring buffer wraps
 
 
 @pytest.fixture(scope="module")
-def models(sentencepiece_path):
-    """The same random weights: float32, int8 (quantized after a float generate()), int4."""
-    tokenizer = Gemma2Tokenizer(sentencepiece_path)
-    built = {"float32": tiny_model(tokenizer=tokenizer)}
+def models(tiny_text_preset):
+    """The same random weights: float32 (the shared text model), int8 (quantized after a float
+    generate()), int4."""
+    _, shared = tiny_text_preset
+    tokenizer = shared.tokenizer
+    built = {"float32": shared}
     for mode in MODES:
-        model = tiny_model(tokenizer=tokenizer)
+        model = tiny(tokenizer=tokenizer)
         if mode == "int8":  # generate() must then drop the programs compiled on the float weights
             model.generate(PROMPTS, max_new_tokens=STEPS, stop_token_ids=())
         with warnings.catch_warnings(record=True) as caught:
@@ -220,7 +213,7 @@ def test_keras_file_round_trip(models, generated, mode, tmp_path):
 
 @pytest.mark.parametrize("dtype, mode", [("bfloat16", "int8"), ("float16", "int4")])
 def test_other_dtypes_quantize_and_round_trip(dtype, mode, tmp_path):
-    model = tiny_model(dtype)
+    model = tiny(dtype=dtype)
     model.quantize(mode, filters=["token_embedding", "decoder_block_0/"])  # the dtype plumbing, quicker
     if dtype == "float16":  # the down projection stays float32 under a float16 policy
         down = model.backbone.decoder_blocks[0].feedforward.down
@@ -244,8 +237,8 @@ def test_save_to_preset_refuses_a_quantized_model(models, tmp_path):
 
 # ---- bad requests fail before any work ----------------------------------------------------
 @pytest.mark.parametrize("mode", ["int2", "float8", "gptq", None, 8])
-def test_unknown_mode_names_the_valid_ones(mode):
-    model = tiny_model()
+def test_unknown_mode_names_the_valid_ones(tiny_model, mode):
+    model = tiny_model
     with pytest.raises(ValueError, match=r"Unknown quantization mode.*'int8', 'int4'"):
         model.quantize(mode)
     assert quantization_modes(model) == []
@@ -259,17 +252,17 @@ def test_already_quantized(models):
 
 
 def test_float16_with_int8_says_to_use_bfloat16():
-    model = tiny_model("float16")
+    model = tiny(dtype="float16")
     with pytest.raises(ValueError, match=r"float16 compute dtype.*bfloat16 or float32"):
         model.quantize("int8")
     assert quantization_modes(model) == []
-    model = tiny_model("mixed_float16")
+    model = tiny(dtype="mixed_float16")
     with pytest.raises(ValueError, match="float16 compute dtype"):
         model.quantize("int8")
 
 
 def test_unmerged_lora_says_to_merge_first():
-    model = tiny_model()
+    model = tiny()
     model.enable_lora(2)
     with pytest.raises(ValueError, match=r"unmerged LoRA adapters; call `model = model\.merge_lora\(\)` first"):
         model.quantize("int8")
@@ -282,7 +275,7 @@ def test_unmerged_lora_says_to_merge_first():
 def test_quantize_returns_nothing_and_only_touches_weight_layers(models):
     for mode in MODES:  # no "RMSNorm does not have a quantize method" (or other) warnings
         assert models[mode].quantize_warnings == []
-    model = tiny_model()
+    model = tiny()
     assert model.quantize("int8", filters="decoder_block_0/attention/") is None
     quantized = sorted(layer.path for layer in model._flatten_layers() if layer.quantization_mode)
     assert quantized == [f"decoder_block_0/attention/{n}" for n in ("attention_output", "key", "query", "value")]

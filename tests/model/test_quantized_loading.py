@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import keras_gemma2
-from helpers import randomize_weights
+from helpers import logits_of, randomize_weights
 from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM, Gemma2Config
 from keras_gemma2.checkpoints.presets import read_checkpoint
 from keras_gemma2.model import quantization
@@ -25,10 +25,6 @@ MODES = ("int8", "int4")
 
 def weights_of(model):
     return {v.path: keras.ops.convert_to_numpy(v) for v in model.weights}
-
-
-def logits_of(model, token_ids):
-    return keras.ops.convert_to_numpy(model({"token_ids": token_ids}))
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,16 @@ import keras
 import numpy as np
 import pytest
 
-from helpers import randomize_weights
-from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM, Gemma2Config
+from helpers import tiny
+from keras_gemma2 import Gemma2Config
 from keras_gemma2.training.distillation import Distiller
 
 TINY = Gemma2Config.from_preset("gemma2_tiny_test")
 
 
-def tiny_model(seed=0):
-    model = randomize_weights(Gemma2CausalLM(Gemma2Backbone(TINY)), seed=seed)
+def trainable(seed=0):
+    """A fresh tiny model compiled with Adam: these tests train it."""
+    model = tiny(seed=seed)
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     return model
 
@@ -21,7 +22,7 @@ def tiny_model(seed=0):
 @pytest.fixture(scope="module")
 def trained_model():
     """One compiled model the tests share (each rejected call must leave it as it was)."""
-    model = tiny_model()
+    model = trainable()
     model.fit(batch(), batch_size=4, epochs=1, verbose=0)
     return model
 
@@ -129,7 +130,7 @@ def test_streamed_batches_are_checked_one_by_one(source, trained_model):
 
 
 def test_distiller_refuses_out_of_range_ids():
-    teacher, student = tiny_model(1), tiny_model(2)
+    teacher, student = trainable(1), trainable(2)
     distiller = Distiller(teacher, student)
     distiller.compile(optimizer=keras.optimizers.Adam(1e-3))
     before = weights(student)

@@ -12,6 +12,9 @@ from keras_gemma2.training import trainer
 from keras_gemma2.training.distillation import Distiller
 from keras_gemma2.training.offline_distillation import OfflineDistiller, Store, build_store
 
+# Tests marked backend_agnostic run once, under conftest.AGNOSTIC_BACKEND (jax): bad store requests are refused
+# before any work.
+
 TEACHER = Gemma2Config.from_preset("gemma2_tiny_test")
 STUDENT = TEACHER.replace(num_layers=2, hidden_dim=16, intermediate_dim=24)
 STREAM = np.random.default_rng(0).integers(4, 128, 3000).astype("int32")
@@ -86,6 +89,7 @@ def test_store_resumes_and_training_from_it_learns(tmp_path):
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
 
 
+@pytest.mark.backend_agnostic
 def test_bad_store_requests(tmp_path):
     teacher, student = teacher_and_student()
     directory = str(tmp_path / "store")
@@ -182,6 +186,7 @@ def test_training_from_a_store_of_another_shape_is_refused(tmp_path):
 
 @pytest.mark.parametrize("name, value", [("num_batches", 0), ("batch_size", 0), ("sequence_length", 1),
                                          ("seed", -1)])
+@pytest.mark.backend_agnostic
 def test_store_numbers_are_checked(name, value, tmp_path):
     teacher, _ = teacher_and_student()
     settings = dict(k=4, num_batches=1, batch_size=2, sequence_length=8, seed=0)

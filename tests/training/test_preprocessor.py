@@ -7,6 +7,9 @@ import pytest
 import keras_gemma2
 from keras_gemma2.training.preprocessor import Gemma2CausalLMPreprocessor
 
+# Tests marked backend_agnostic run once, under conftest.AGNOSTIC_BACKEND (jax): the preprocessor is the
+# tokenizer and numpy; only the fit / evaluate / predict test runs a backend.
+
 TEXTS = ["The cat sat on the mat.", "A dog ran in the park and barked at the birds."]
 PAIRS = [("What is two plus two?", "Four."), ("Name a colour.", "Blue, like the sky.")]
 
@@ -21,6 +24,7 @@ def preprocessor(demo):
     return Gemma2CausalLMPreprocessor(demo.tokenizer, sequence_length=24, max_sequence_length=512)
 
 
+@pytest.mark.backend_agnostic
 def test_plain_texts_become_inputs_next_token_labels_and_weights(demo, preprocessor):
     x, labels, weights = preprocessor(TEXTS)
     for row, text in enumerate(TEXTS):
@@ -34,6 +38,7 @@ def test_plain_texts_become_inputs_next_token_labels_and_weights(demo, preproces
     assert labels[1, -1] != demo.tokenizer.eos_token_id  # the long text was cut, not its end kept
 
 
+@pytest.mark.backend_agnostic
 def test_a_chat_pair_weighs_only_the_models_turn(demo, preprocessor):
     """Position by position: the user's turn and the model's opening weigh 0, its reply and
     <end_of_turn> weigh 1, the way instruction tuning trains."""
@@ -58,6 +63,7 @@ def test_a_chat_pair_weighs_only_the_models_turn(demo, preprocessor):
     assert tokenizer.detokenize(reply).startswith(response)
 
 
+@pytest.mark.backend_agnostic
 def test_a_conversation_weighs_every_model_turn_and_no_user_turn(demo, preprocessor):
     preprocessor.sequence_length = 128
     messages = [
@@ -73,6 +79,7 @@ def test_a_conversation_weighs_every_model_turn_and_no_user_turn(demo, preproces
     assert text == "Hello.<end_of_turn>\nGoodbye.<end_of_turn>\n"
 
 
+@pytest.mark.backend_agnostic
 def test_keras_hubs_prompts_and_responses_are_concatenated_without_a_template(demo, preprocessor):
     x, labels, weights = preprocessor({"prompts": ["Q: 2+2?\nA:"], "responses": [" 4"]})
     targets = demo.tokenizer.detokenize(labels[0][weights[0] > 0].tolist(), skip_special=False)
@@ -80,6 +87,7 @@ def test_keras_hubs_prompts_and_responses_are_concatenated_without_a_template(de
     assert demo.tokenizer.start_of_turn_id not in x["token_ids"][0]
 
 
+@pytest.mark.backend_agnostic
 def test_packing_fills_whole_windows(demo, preprocessor):
     preprocessor.pack, preprocessor.sequence_length = True, 8
     x, labels, weights = preprocessor(TEXTS * 3)
@@ -97,6 +105,7 @@ def test_packing_fills_whole_windows(demo, preprocessor):
     ({"prompts": ["a", "b"], "responses": ["c"]}, "2 prompts but 1 responses"),
     (np.array([], dtype=str), "No text given"),
 ])
+@pytest.mark.backend_agnostic
 def test_bad_text_is_refused_before_the_first_step(demo, data, message):
     weights = [w.copy() for w in demo.get_weights()]
     demo.compile(optimizer=keras.optimizers.SGD(0.1))
@@ -106,12 +115,14 @@ def test_bad_text_is_refused_before_the_first_step(demo, data, message):
         np.testing.assert_array_equal(before, after)
 
 
+@pytest.mark.backend_agnostic
 def test_sequence_length_beyond_the_context_is_refused(demo):
     with pytest.raises(ValueError, match="exceeds the model's context of 512 tokens"):
         demo.preprocessor.sequence_length = 513
     assert demo.preprocessor.sequence_length == 512  # min(1024, the demo's context)
 
 
+@pytest.mark.backend_agnostic
 def test_text_with_labels_is_refused(demo):
     with pytest.raises(ValueError, match="carry their own labels"):
         demo.fit(TEXTS, np.zeros((2, 5), "int32"), verbose=0)
@@ -138,6 +149,7 @@ def test_fit_evaluate_and_predict_take_text(kind):
     assert logits.shape == (2, 24, model.config.vocabulary_size)
 
 
+@pytest.mark.backend_agnostic
 def test_an_unbatched_text_dataset_is_refused_with_the_fix():
     tf = pytest.importorskip("tensorflow")
     model = keras_gemma2.from_preset("gemma2_demo")

@@ -17,6 +17,9 @@ from keras_gemma2.training import trainer
 from keras_gemma2.io import safetensors_files
 from keras_gemma2.cli import main
 
+# Tests marked backend_agnostic run once, under conftest.AGNOSTIC_BACKEND (jax): data files, batches of ids and
+# argument checks are host-side numpy, refused before the first step.
+
 TINY = Gemma2Config.from_preset("gemma2_tiny_test")
 TEXT = "\n".join(
     f"def function_{i}(a, b):\n    return a * {i} + b  # the {i}th line of code" for i in range(60)
@@ -43,6 +46,7 @@ def weights(model):
 
 
 # ---- data ---------------------------------------------------------------------
+@pytest.mark.backend_agnostic
 def test_bad_data_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         data.read_texts([str(tmp_path / "missing.txt")])
@@ -58,6 +62,7 @@ def test_bad_data_files(tmp_path):
         data.read_texts([str(tmp_path)])
 
 
+@pytest.mark.backend_agnostic
 def test_batches_are_a_function_of_the_step(sentencepiece_path):
     stream = data.token_stream(Gemma2Tokenizer(sentencepiece_path), [TEXT])
     first = data.batch_at(stream, 3, 4, 16)
@@ -67,6 +72,7 @@ def test_batches_are_a_function_of_the_step(sentencepiece_path):
         data.batch_at(stream[:10], 0, 2, 16)
 
 
+@pytest.mark.backend_agnostic
 def test_sequence_longer_than_the_model_is_refused(sentencepiece_path):
     model = compiled_model(sentencepiece_path)
     with pytest.raises(ValueError, match="sequence length 65 exceeds the model's max_sequence_length 64"):
@@ -215,6 +221,7 @@ BAD_TRAIN_ARGUMENTS = [
 
 
 @pytest.mark.parametrize("change, message", BAD_TRAIN_ARGUMENTS)
+@pytest.mark.backend_agnostic
 def test_train_arguments_are_checked_before_the_first_step(change, message, sentencepiece_path, tmp_path):
     model = compiled_model(sentencepiece_path)
     before = weights(model)
@@ -228,6 +235,7 @@ def test_train_arguments_are_checked_before_the_first_step(change, message, sent
         np.testing.assert_array_equal(value, before[path])
 
 
+@pytest.mark.backend_agnostic
 def test_uncompiled_model_and_short_data_are_refused(sentencepiece_path):
     model = Gemma2CausalLM(Gemma2Backbone(TINY))
     with pytest.raises(ValueError, match="not compiled; call model.compile"):
@@ -237,6 +245,7 @@ def test_uncompiled_model_and_short_data_are_refused(sentencepiece_path):
                        sequence_length=8)
 
 
+@pytest.mark.backend_agnostic
 def test_unwritable_checkpoint_dir_is_refused_before_the_first_step(sentencepiece_path, tmp_path,
                                                                     monkeypatch):
     import tempfile

@@ -17,6 +17,9 @@ from keras_gemma2.training import merging
 from keras_gemma2.training import trainer
 from keras_gemma2.cli import main
 
+# Tests marked backend_agnostic run once, under conftest.AGNOSTIC_BACKEND (jax): option checks refuse
+# before any model loads or step runs (the no_work fixture fails the test otherwise).
+
 TINY = Gemma2Config.from_preset("gemma2_tiny_test")
 TEXT = "\n".join(f"def function_{i}(a, b):\n    return a * {i} + b  # line {i}" for i in range(40))
 SHORT = ["--batch-size", "2", "--sequence-length", "8"]
@@ -81,6 +84,7 @@ BAD_TRAINING_OPTIONS = [
 
 
 @pytest.mark.parametrize("extra, message", BAD_TRAINING_OPTIONS)
+@pytest.mark.backend_agnostic
 def test_train_numbers_are_checked_before_any_work(extra, message, text_file, sentencepiece_path,
                                                      tmp_path, capsys, no_work):
     extra = [text_file if a == "X" else a for a in extra]
@@ -103,6 +107,7 @@ BAD_DISTILL_OPTIONS = [
 
 
 @pytest.mark.parametrize("extra, message", BAD_DISTILL_OPTIONS)
+@pytest.mark.backend_agnostic
 def test_distill_numbers_are_checked_before_any_work(extra, message, text_file, tmp_path, capsys, no_work):
     extra = [str(tmp_path / "store") if a == "S" else a for a in extra]
     argv = ["distill", "--teacher", "gemma2_tiny_test", "--student", "gemma2_tiny_test",
@@ -111,6 +116,7 @@ def test_distill_numbers_are_checked_before_any_work(extra, message, text_file, 
 
 
 # ---- output paths, before the first step --------------------------------------------------
+@pytest.mark.backend_agnostic
 def test_existing_out_is_refused_before_any_step(text_file, sentencepiece_path, tmp_path, capsys, no_work):
     out = tmp_path / "model"
     out.mkdir()
@@ -122,6 +128,7 @@ def test_existing_out_is_refused_before_any_step(text_file, sentencepiece_path, 
     assert not checkpoints.exists() and os.listdir(out) == ["keep.txt"]
 
 
+@pytest.mark.backend_agnostic
 def test_unwritable_plot_is_refused_before_any_step(text_file, sentencepiece_path, tmp_path, capsys,
                                                     no_work, monkeypatch):
     blocker = tmp_path / "a_file"
@@ -148,6 +155,7 @@ def test_unwritable_plot_is_refused_before_any_step(text_file, sentencepiece_pat
     assert "is a folder (pass a file path)" in err
 
 
+@pytest.mark.backend_agnostic
 def test_unwritable_checkpoint_dir_is_refused_before_any_step(text_file, sentencepiece_path, tmp_path,
                                                               capsys, no_work, monkeypatch):
     blocker = tmp_path / "a_file"
@@ -171,6 +179,7 @@ def test_unwritable_checkpoint_dir_is_refused_before_any_step(text_file, sentenc
     assert f"--checkpoint-dir {read_only} is not writable" in err and "choose a writable location" in err
 
 
+@pytest.mark.backend_agnostic
 def test_overlapping_output_folders_are_refused(text_file, sentencepiece_path, tmp_path, capsys, no_work):
     same = str(tmp_path / "run")
     err = error_of(train_args(text_file, sentencepiece_path, "--out", same, "--checkpoint-dir", same), capsys)
@@ -180,6 +189,7 @@ def test_overlapping_output_folders_are_refused(text_file, sentencepiece_path, t
     assert "overlap" in err
 
 
+@pytest.mark.backend_agnostic
 def test_plot_without_matplotlib_is_refused_up_front(text_file, sentencepiece_path, tmp_path, capsys,
                                                      no_work, monkeypatch):
     import importlib.util
@@ -235,6 +245,7 @@ def test_failed_save_at_the_end_rescues_the_model(text_file, sentencepiece_path,
 
 
 # ---- vocabulary -----------------------------------------------------------------------
+@pytest.mark.backend_agnostic
 def test_tokenizer_larger_than_the_vocabulary_is_refused(text_file, sentencepiece_path, tmp_path, capsys,
                                                          monkeypatch):
     monkeypatch.setattr(trainer, "train", lambda *a, **k: pytest.fail("trained with a bad tokenizer"))
@@ -251,6 +262,7 @@ def test_tokenizer_larger_than_the_vocabulary_is_refused(text_file, sentencepiec
     assert "128-token vocabulary and the student 96" in err
 
 
+@pytest.mark.backend_agnostic
 def test_invalid_config_file_is_one_line(text_file, sentencepiece_path, tmp_path, capsys):
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps({"vocabulary_size": 128}))
@@ -318,12 +330,14 @@ BAD_MERGE_OPTIONS = [
 
 
 @pytest.mark.parametrize("extra, message", BAD_MERGE_OPTIONS)
+@pytest.mark.backend_agnostic
 def test_merge_options_are_checked_before_any_work(extra, message, tmp_path, capsys, no_work):
     extra = [str(tmp_path / a) if a in ("A", "B") else a for a in extra]
     err = error_of(["merge", *extra, "--out", str(tmp_path / "merged")], capsys)
     assert message in err and not (tmp_path / "merged").exists()
 
 
+@pytest.mark.backend_agnostic
 def test_merge_existing_out_is_refused_before_reading(tmp_path, capsys, no_work):
     out = tmp_path / "merged"
     out.mkdir()

@@ -29,8 +29,11 @@ for backend in ${TEST_BACKENDS:-jax tensorflow torch}; do
   echo "=== KERAS_BACKEND=$backend ==="
   start=$SECONDS
   # Run from an empty folder so the installed package (not the source tree) is imported.
+  rc=0
   (cd tests && KERAS_BACKEND=$backend ../.venv/bin/python -m pytest -q -p no:cacheprovider \
-     -n "${TEST_WORKERS:-2}" --dist loadfile --durations=25 "$@" .) || status=1
+     -n "${TEST_WORKERS:-2}" --dist loadfile --durations=25 "$@" .) || rc=$?
+  # 5 is pytest's "no test selected": `-m slow` selects only backend-agnostic checks, which run under jax.
+  if [ "$rc" != 0 ] && [ "$rc" != 5 ]; then status=1; fi
   times+=("$backend $((SECONDS - start)) s")
 done
 echo "=== test time per backend: ${times[*]}"

@@ -23,10 +23,12 @@ AGNOSTIC_BACKEND = "jax"
 def pytest_collection_modifyitems(config, items):
     if keras.backend.backend() == AGNOSTIC_BACKEND:
         return
-    agnostic = [item for item in items if item.get_closest_marker("backend_agnostic") is not None]
+    kept, agnostic = [], []
+    for item in items:
+        (agnostic if item.get_closest_marker("backend_agnostic") else kept).append(item)
     if agnostic:
         config.hook.pytest_deselected(items=agnostic)
-        items[:] = [item for item in items if item.get_closest_marker("backend_agnostic") is None]
+        items[:] = kept
 
 
 def pytest_report_header(config):

@@ -3,7 +3,9 @@
 import io
 import os
 
-from keras_gemma2 import Gemma2Config
+import keras
+
+from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM, Gemma2Config
 from keras_gemma2.io.atomic import atomic_write
 
 # The tiny configs are registered presets (presets/gemma2_tiny_*.json): shaped
@@ -126,16 +128,12 @@ def tiny(config=TINY, seed=0, dtype=None, tokenizer=None):
     A test that only reads a model takes conftest's shared `tiny_model` instead: its
     compiled programs are reused across the whole session.
     """
-    from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM
-
     model = Gemma2CausalLM(Gemma2Backbone(config, dtype=dtype), tokenizer=tokenizer)
     return randomize_weights(model, seed=seed)
 
 
 def logits_of(model, token_ids, padding_mask=None):
     """The forward's float32 logits as numpy (no padding mask: every position is real)."""
-    import keras
-
     inputs = {"token_ids": token_ids}
     if padding_mask is not None:
         inputs["padding_mask"] = padding_mask

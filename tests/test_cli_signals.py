@@ -26,7 +26,8 @@ import pytest
 import keras_gemma2
 
 from helpers import randomize_weights
-from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM, Gemma2Config, Gemma2Tokenizer
+from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM, Gemma2Config, Gemma2Tokenizer, cli
+from keras_gemma2.training import trainer
 
 CONTEXT = 16384
 PROMPT = "def add("
@@ -199,8 +200,6 @@ def test_ctrl_c_while_training_keeps_what_was_trained(tmp_path, tiny_text_preset
     """The first Ctrl-C finishes the running step, checkpoints it (or saves a rescue preset
     without --checkpoint-dir) and exits 130; nothing trained is lost: the rescued model is
     the one the same run stopped at that step gives."""
-    from keras_gemma2 import cli
-    from keras_gemma2.training import trainer
 
     preset, _ = tiny_text_preset  # saved weights: every run starts from the same model
     data = tmp_path / "train.txt"

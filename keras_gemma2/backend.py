@@ -1,6 +1,9 @@
 """The only backend-specific code in the library: small, explicit checks."""
 
+import threading
+
 import keras
+import numpy as np
 
 SUPPORTED_BACKENDS = ("jax", "tensorflow", "torch")
 
@@ -85,7 +88,14 @@ def compile_function(fn, variables, donate_first=False, torch_compile=False):
     if backend == "tensorflow":
         import tensorflow as tf
 
-        compiled = tf.function(fn, jit_compile=True)
+        def traced(*args):
+            _xla_tracing.active = True  # for dynamic_slice, while TensorFlow traces `fn`
+            try:
+                return fn(*args)
+            finally:
+                _xla_tracing.active = False
+
+        compiled = tf.function(traced, jit_compile=True)
         compiled.traces = compiled.experimental_get_tracing_count
         return compiled
     import torch
@@ -152,7 +162,7 @@ def stateless_categorical(logits, seed):
 
         # Gumbel-max: XLA has no stateless multinomial kernel, but has stateless uniform.
         uniform = tf.random.stateless_uniform(
-            tf.shape(logits), seed=tf.cast(seed, tf.int64), minval=1e-20, maxval=1.0
+            tf.shape(logits), seed=tf.cast(seed, tf.int64), minval=float(np.finfo(np.float32).tiny), maxval=1.0
         )
         return tf.cast(tf.argmax(logits - tf.math.log(-tf.math.log(uniform)), axis=-1), tf.int32)
     import torch
@@ -182,6 +192,25 @@ def stateless_uniform(shape, seed):
 
 
 _jax_slice_writers = {}
+_xla_tracing = threading.local()
+
+
+def dynamic_slice(x, start, shape):
+    """`ops.slice(x, start, shape)` where `start` may hold tensors.
+
+    TensorFlow's XLA bridge reads tf.slice's start as a compile-time constant:
+    inside compile_function, a start computed from an input (a conversation's
+    decode step reads its window at the token's index) compiled a new program
+    for every value, ~1 s per token. There TensorFlow gets XLA's own dynamic
+    slice; elsewhere (an export's graph, which LiteRT converts) the plain slice.
+    """
+    if keras.backend.backend() == "tensorflow" and getattr(_xla_tracing, "active", False):
+        import tensorflow as tf
+        from tensorflow.compiler.tf2xla.python import xla
+
+        begin = tf.stack([tf.cast(value, tf.int32) for value in start])
+        return xla.dynamic_slice(x, begin, tf.constant([int(size) for size in shape], tf.int32))
+    return keras.ops.slice(x, start, shape)
 
 
 def assign_slice(variable, start, values, axis=0):

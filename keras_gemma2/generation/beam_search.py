@@ -10,10 +10,10 @@ import numpy as np
 from keras import ops
 
 from keras_gemma2 import backend
+from keras_gemma2.generation import samplers
 from keras_gemma2.generation.generator import decode_step, left_pad, prefill
 from keras_gemma2.model import kv_cache
 
-_IMPOSSIBLE = -1e30
 
 
 def _build(model, batch_size, bucket, max_new_tokens, num_beams, stop_ids, window):
@@ -33,7 +33,7 @@ def _build(model, batch_size, bucket, max_new_tokens, num_beams, stop_ids, windo
         caches = kv_cache.map_caches(lambda cache: ops.take(cache, expand, axis=0), caches)
         logits = ops.take(logits, expand, axis=0)
         padding = ops.take(padding, expand, axis=0)
-        first = ops.where(ops.arange(num_beams) == 0, 0.0, _IMPOSSIBLE)
+        first = ops.where(ops.arange(num_beams) == 0, 0.0, samplers.lowest())
         scores = ops.broadcast_to(first[None, :], (batch_size, num_beams))
         tokens = ops.zeros((batch_size, num_beams, max_new_tokens), "int32")
         token_logprobs = ops.zeros((batch_size, num_beams, max_new_tokens), "float32")
@@ -60,7 +60,7 @@ def _build(model, batch_size, bucket, max_new_tokens, num_beams, stop_ids, windo
         """Keep the best num_beams continuations: (cache rows to follow, their tokens, ...)."""
         log_probs = ops.reshape(ops.log_softmax(logits, axis=-1), (batch_size, num_beams, vocabulary))
         # A finished beam continues with token 0 at no cost (and nothing else).
-        only_pad = ops.where(ops.arange(vocabulary) == 0, 0.0, _IMPOSSIBLE)
+        only_pad = ops.where(ops.arange(vocabulary) == 0, 0.0, samplers.lowest())
         log_probs = ops.where(done[:, :, None], only_pad[None, None, :], log_probs)
         candidates = ops.reshape(scores[:, :, None] + log_probs, (batch_size, -1))
         scores, best = ops.top_k(candidates, num_beams, sorted=True)

@@ -132,7 +132,7 @@ class Generator:
             self.count_trace()
             positions = index + ops.arange(chunk.shape[1], dtype="int32")[None, :]
             hidden, caches = backbone.forward_pass(chunk, positions, caches, index, layout)
-            last = ops.slice(hidden, [0, length - 1, 0], (hidden.shape[0], 1, hidden.shape[2]))
+            last = backend.dynamic_slice(hidden, [0, length - 1, 0], (hidden.shape[0], 1, hidden.shape[2]))
             padding = ops.zeros((chunk.shape[0],), "int32")
             return first_token(
                 backbone.logits(last)[:, 0], caches, padding, index + length, capacity, stop, settings, seed

@@ -16,7 +16,14 @@ from keras import ops
 
 from keras_gemma2 import backend
 
-_REMOVED = -1e30
+
+
+def lowest(dtype="float32"):
+    """The most negative finite value of `dtype`: a removed token's logit, an impossible
+    beam's score. Taken from the dtype it fills, so it never leaves that dtype's range
+    (a literal such as -1e30 is -inf in float16), and finite, so no row becomes NaN."""
+    return float(np.finfo(dtype).min)
+
 
 
 def is_integer(value):
@@ -73,7 +80,10 @@ class Sampler:
                     f"({type(self.top_k).__name__}); pass e.g. top_k=50."
                 )
             object.__setattr__(self, "top_k", int(self.top_k))
-        if self.temperature == 0:  # the limit of temperature -> 0
+        # Temperature 0 is greedy (the limit), and so is one so small that float32 logits
+        # (|x| <= 30 after the final soft-cap) divided by it would pass float32's range:
+        # its distribution is one-hot long before.
+        if self.temperature * float(np.finfo(np.float32).max) < 100:
             object.__setattr__(self, "greedy", True)
 
     def kind(self, vocabulary_size):
@@ -129,7 +139,7 @@ def filtered_logits(kind, logits, settings):
         best = ops.top_k(logits, top_k_candidates, sorted=True)[0]
         k = ops.cast(settings[1], "int32")
         kth_best = ops.take(best, k - 1, axis=1)[:, None]
-        logits = ops.where(logits < kth_best, _REMOVED, logits)
+        logits = ops.where(logits < kth_best, lowest(), logits)
     if top_p:
         ordered = ops.flip(ops.sort(logits, axis=-1), axis=-1)
         probabilities = ops.softmax(ordered, axis=-1)
@@ -137,11 +147,11 @@ def filtered_logits(kind, logits, settings):
         # The smallest logit still inside the nucleus (the top token always is).
         kept = ops.where(mass_before < settings[2], ordered, ordered[:, :1])
         threshold = ops.min(kept, axis=-1, keepdims=True)
-        logits = ops.where(logits < threshold, _REMOVED, logits)
+        logits = ops.where(logits < threshold, lowest(), logits)
     if min_p:
         probabilities = ops.softmax(logits, axis=-1)
         floor = settings[3] * ops.max(probabilities, axis=-1, keepdims=True)
-        logits = ops.where(probabilities < floor, _REMOVED, logits)
+        logits = ops.where(probabilities < floor, lowest(), logits)
     return logits
 
 

@@ -168,8 +168,10 @@ def build(generator, draft_model, bucket, cache_length, kind, window, k):
         accepted_there = ops.take(ops.concatenate([accept, ops.zeros((batch, 1), "bool")], axis=1), kept, axis=1)
         padded = ops.concatenate([drafted, ops.zeros((batch, 1), "int32")], axis=1)
         residual = resample_distribution(ops.take(p, kept, axis=1), ops.take(q, kept, axis=1))
+        # Floored at float32's smallest normal number (XLA:CPU flushes subnormals to 0).
+        smallest = float(np.finfo(np.float32).tiny)
         draw = backend.stateless_categorical(
-            ops.where(residual > 0, ops.log(ops.maximum(residual, 1e-30)), -1e30), key(seed, step, k + 1)
+            ops.where(residual > 0, ops.log(ops.maximum(residual, smallest)), samplers.lowest()), key(seed, step, k + 1)
         )
         return kept, ops.where(accepted_there, ops.take(padded, kept, axis=1), draw)
 

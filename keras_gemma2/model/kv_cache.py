@@ -26,10 +26,14 @@ import dataclasses
 import numpy as np
 from keras import ops
 
+from keras_gemma2 import backend
+
 SLOT_AXIS = 2
 # Masked attention logits get this added instead of -inf, so that a row with no
-# visible key (a padded query) gives a uniform row, never NaN.
-MASK_VALUE = -1e30
+# visible key (a padded query) gives a finite row, never NaN. It must fit every compute
+# dtype (Keras casts a layer's float inputs to it; float16 ends at 65504), and it is
+# far below the soft-capped logits (|x| <= 50), whose softmax it leaves exact.
+MASK_VALUE = -30000.0
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -113,7 +117,7 @@ def _write_in_place(cache, fresh, start):
     begin = ops.minimum(start, slots - length)
     size = fresh.shape[:SLOT_AXIS] + (length,) + fresh.shape[SLOT_AXIS + 1:]
     # The cache's T slots from start', then T spare ones; the chunk goes in at start - start'.
-    block = ops.concatenate([ops.slice(cache, [0, 0, begin, 0], size), ops.zeros_like(fresh)], axis=SLOT_AXIS)
+    block = ops.concatenate([backend.dynamic_slice(cache, [0, 0, begin, 0], size), ops.zeros_like(fresh)], axis=SLOT_AXIS)
     block = ops.slice_update(block, [0, 0, start - begin, 0], fresh)
     return ops.slice_update(cache, [0, 0, begin, 0], block[:, :, :length])
 

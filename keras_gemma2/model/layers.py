@@ -587,7 +587,7 @@ class Gemma2Attention(keras.layers.Layer):
             read = (key_cache, value_cache)
             if span_start is not None:
                 size = (attention_bias.shape[-1],)
-                read = [ops.slice(c, [0, 0, span_start, 0], c.shape[:kv_cache.SLOT_AXIS] + size + c.shape[3:])
+                read = [backend.dynamic_slice(c, [0, 0, span_start, 0], c.shape[:kv_cache.SLOT_AXIS] + size + c.shape[3:])
                         for c in read]
             output = self._attend(query, *read, attention_bias)
         elif reads == "cache_and_chunk":

@@ -222,7 +222,7 @@ def train(
             batch = batch_at(batches, step, batch_size, sequence_length, seed)
         loss = model.train_on_batch(batch, return_dict=True)["loss"]
         tokens += batch_size * sequence_length
-        rate = tokens / max(time.time() - began, 1e-9)
+        rate = tokens / max(time.time() - began, 1e-6)
         history.append({"step": step + 1, "loss": float(loss), "tokens_per_second": rate})
         _progress(step + 1, steps, float(loss), rate, log)
         if eval_batches and ((eval_every and (step + 1) % eval_every == 0) or step + 1 == steps):

@@ -1,5 +1,6 @@
 """start_chat(): a conversation keeps its KV cache, and each turn is what generate gives on its transcript."""
 
+import keras
 import pytest
 
 from helpers import TINY, backend_traces, randomize_weights
@@ -254,3 +255,32 @@ def test_history_reset_and_programs_reused_across_conversations(model):
     converse(["Hi there", "And now?", "ok, how", "What is 3+3?", "go on!"], [5, 7, 6, 6, 3])
     assert model.generator.compilations == backend_traces(model.generator) == first
     assert len(model.generator._functions) == programs
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's XLA bridge only")
+def test_tensorflow_programs_slice_only_at_constant_starts(model, monkeypatch):
+    """TensorFlow's XLA bridge compiles a new program for each value of a tf.slice start
+    that comes from an input: a conversation's host-driven decode step (a bfloat16 or
+    float16 model at batch 1) read its window at the token's index and recompiled every
+    token (~1 s each). Every Slice in its programs starts at constants; the rest slice
+    dynamically."""
+    made, compile_function = [], backend.compile_function
+
+    def recording(*args, **kwargs):
+        made.append(compile_function(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(backend, "compile_function", recording)
+    monkeypatch.setattr(backend, "steps_from_host", lambda model, batch_size: True)
+    monkeypatch.setattr(model, "_generator", None, raising=False)  # programs traced afresh, under the spy
+    conversation = model.start_chat(max_new_tokens=6, stop_token_ids=())
+    for message in MESSAGES[:2]:
+        conversation.send(message)
+    dynamic = 0
+    for function in made:
+        for concrete in function._list_all_concrete_functions():
+            for op in concrete.graph.get_operations():
+                if op.type == "Slice":
+                    assert op.inputs[1].op.type == "Const", f"{op.name} starts at {op.inputs[1].op.type}"
+                dynamic += op.type == "XlaDynamicSlice"
+    assert dynamic > 0

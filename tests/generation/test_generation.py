@@ -155,6 +155,21 @@ def test_sampling_follows_the_seeded_rule_whatever_the_budget(model):
     assert len(set(sequence[len(prompt):])) > 3
 
 
+def test_temperatures_too_small_for_float32_sample_greedily(model):
+    """Logits divided by a temperature near float32's smallest number pass its range (and
+    XLA:CPU flushes a subnormal one to 0): inf and NaN logits sampled token 0 every step,
+    and generate returned nothing. Below ~3e-37 a temperature is greedy; just above it,
+    sampling is already one-hot and finite."""
+    prompt = [3, 17, 29]
+    greedy = model.generate(prompt, max_new_tokens=8, stop_token_ids=()).tolist()
+    for temperature in (1e-45, 1e-38, 1e-36, 1e-30):
+        result = model.generate(prompt, max_new_tokens=8, sampler="temperature", temperature=temperature,
+                                seed=1, stop_token_ids=(), return_logprobs=True)
+        assert result.token_ids[0].tolist() == greedy, temperature
+        assert np.isfinite(result.logprobs[0]).all()
+    assert Sampler(temperature=1e-38).greedy and not Sampler(temperature=1e-36).greedy
+
+
 def test_no_forward_pass_after_the_last_token(monkeypatch):
     """The first token comes from prefill; a decode step only feeds a token that is kept."""
     model = tiny()

@@ -215,22 +215,41 @@ def _chat_with_bundle(args):
         chats.pop().close()
         chats.append(engine.start_chat(max_new_tokens=args.max_new_tokens, **options))
 
+    def reply(line):
+        yield from chats[-1].send(line)
+        if chats[-1].cache_full:
+            print(f"\n(the bundle's cache of {engine.cache_length} tokens is full: /reset to start over, or "
+                  "export with a larger --cache-length)", file=sys.stderr, flush=True)
+
     try:
-        _chat_loop("Chat with the LiteRT-LM engine.", lambda line: chats[-1].send(line), reset)
+        _chat_loop("Chat with the LiteRT-LM engine.", reply, reset)
     finally:
         chats[-1].close()
         engine.close()
 
 
 def _chat_loop(greeting, reply, reset):
-    """Read lines until /exit or end of input; /reset starts over; stream each reply's pieces."""
+    """Read lines until /exit or end of input; /reset starts over; stream each reply's pieces.
+
+    A line refused before its reply starts (not UTF-8, too long for what is
+    left of the context) is one `error:` line on stderr; the conversation goes on.
+    """
     print(f"{greeting} /reset starts over, /exit (or Ctrl-D) quits.", flush=True)
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 arrive as surrogates, line by line
+        sys.stdin.reconfigure(errors="surrogateescape")
     while True:
         try:
             line = input("you> ")
         except EOFError:
             print()
             return
+        except UnicodeDecodeError as error:  # a strict stdin decoder
+            _refuse_line(f"that line is not valid UTF-8 (byte {error.start + 1} of it); type it again")
+            continue
+        undecodable = next((i for i, c in enumerate(line) if "\udc80" <= c <= "\udcff"), None)
+        if undecodable is not None:  # surrogateescape'd bytes: the line was not UTF-8
+            _refuse_line(f"that line is not valid UTF-8 (character {undecodable + 1} of it); type it again")
+            continue
         if line.strip() == "/exit":
             return
         if line.strip() == "/reset":
@@ -238,10 +257,20 @@ def _chat_loop(greeting, reply, reset):
             continue
         if not line.strip():
             continue
-        print("model> ", end="", flush=True)
-        for piece in reply(line):
+        pieces = reply(line)
+        try:
+            first = next(pieces, "")
+        except ValueError as error:  # refused before any text: the conversation is as it was
+            _refuse_line(_one_line(str(error)))
+            continue
+        print("model> " + first, end="", flush=True)
+        for piece in pieces:
             print(piece, end="", flush=True)
         print(flush=True)
+
+
+def _refuse_line(message):
+    print(f"error: {message}", file=sys.stderr, flush=True)
 
 
 def _merge(args):
@@ -806,8 +835,12 @@ def main(argv=None):
         cli_startup.imports_done()
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
+    if sys.stdout is None:  # started with stdout closed (`>&-`): print() would drop everything silently
+        return _report(ValueError("standard output is closed, so nothing this command prints could be "
+                                  "written: drop the >&-, or send it to a file or /dev/null"), args)
     try:
         status = args.run(args)  # None, or a command's own exit status (training stopped by Ctrl-C)
+        sys.stdout.flush()  # a write that fails now (a full disk) is this command's failure too
     except BrokenPipeError as error:
         if not _stdout_closed():  # another pipe broke: a failure like any other
             if debug:

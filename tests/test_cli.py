@@ -73,6 +73,20 @@ def test_a_long_chat_drops_its_oldest_turns_and_says_so(tiny_text_preset, capsys
 
 
 @pytest.mark.backend_agnostic
+def test_a_chat_line_that_is_not_utf8_is_refused_and_the_conversation_goes_on(tiny_text_preset, capsys, monkeypatch):
+    """Such a line ended the session (exit 2, conversation lost), naming a position in the template."""
+    path, model = tiny_text_preset
+    # What a surrogateescape'd stdin delivers for the bytes b"hi \xff there".
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\nhi \udcff there\nAnd then?\n/exit\n"))
+    assert main(["chat", "--preset", path, "--max-new-tokens", "6"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "error: that line is not valid UTF-8 (character 4 of it); type it again\n"
+    conversation = model.start_chat(max_new_tokens=6)  # the bad line never entered the conversation
+    first, second = conversation.send("Hello"), conversation.send("And then?")
+    assert out.count("model> ") == 2 and f"model> {first}\n" in out and f"model> {second}\n" in out
+
+
+@pytest.mark.backend_agnostic
 def test_errors_are_reported_not_raised(capsys):
     assert main(["generate", "--preset", "gemma2_2b", "hi"]) == 2
     assert "Did you mean 'gemma2_2b_en'" in capsys.readouterr().err

@@ -50,6 +50,21 @@ def test_a_failed_write_names_the_path_and_the_fix(tiny_text_preset, tmp_path, m
 
 
 @pytest.mark.backend_agnostic
+def test_a_closed_stdout_is_an_error_not_a_silent_success(tiny_text_preset):
+    """`keras-gemma2 generate ... >&-` exited 0 having written nothing (Python drops prints
+    to a stdout that was closed at start-up); a stdout that fails on write is an error too."""
+    path, _ = tiny_text_preset
+    command = [sys.executable, "-m", "keras_gemma2.cli", "generate", "--preset", path, "--max-new-tokens", "3", "hi"]
+    closed = subprocess.run(["sh", "-c", 'exec "$@" >&-', "sh", *command], stderr=subprocess.PIPE, text=True,
+                            timeout=300)
+    assert closed.returncode == 2
+    assert "standard output is closed" in _one_error_line(closed.stderr)
+    with open("/dev/full", "w") as full:
+        failed = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert failed.returncode == 2 and "No space left on device" in _one_error_line(failed.stderr)
+
+
+@pytest.mark.backend_agnostic
 def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(monkeypatch, capsys):
     def broken(preset):
         raise KeyError("head_dim")

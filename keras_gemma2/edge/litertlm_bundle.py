@@ -14,11 +14,17 @@ import contextlib
 import io
 import json
 import os
+import struct
 
 from keras_gemma2.tokenizer import Gemma2Tokenizer
 
 # The system-metadata key under which the export's JSON description is stored.
 METADATA_KEY = "keras_gemma2_export"
+
+# The file's fixed header: magic, three uint32 version numbers, then at byte 24 a
+# uint64 giving where the section table (a flatbuffer from byte 32) ends.
+MAGIC = b"LITERTLM"
+_TABLE_END_AT, _TABLE_BEGIN = 24, 32
 
 
 def _builder():
@@ -77,3 +83,81 @@ def write_bundle(tflite_path, tokenizer_path, description, output_path):
             builder.build(f)
     finally:
         os.remove(proto_path)
+
+
+def check_bundle(path):
+    """{section type name: (begin, end)} of a whole bundle, or ValueError naming the problem and the fix.
+
+    The engine trusts the header: a file cut short (an interrupted copy or
+    download) aborted the whole process in a native check. So the header and
+    every section's byte range are read here, against the file's size, first.
+    Without litert-lm-builder's schema only the fixed header is checked ({}).
+    """
+    size = os.path.getsize(path)
+    again = "copy or export it again (keras-gemma2 export --preset NAME model.litertlm)"
+    with open(path, "rb") as f:
+        head = f.read(_TABLE_BEGIN)
+        if len(head) < _TABLE_BEGIN or not head.startswith(MAGIC):
+            raise ValueError(f"{path} is not a LiteRT-LM bundle (it does not start with the {MAGIC.decode()} "
+                             f"header; {size:,} bytes); {again}.")
+        table_end = struct.unpack_from("<Q", head, _TABLE_END_AT)[0]
+        if not _TABLE_BEGIN < table_end <= size:
+            raise ValueError(f"{path} is cut short or damaged: its header ends at byte {table_end:,} but the "
+                             f"file has {size:,} bytes; {again}.")
+        table = f.read(table_end - _TABLE_BEGIN)
+    try:
+        sections = _sections(table)
+    except Exception as error:  # noqa: BLE001 - garbage bytes fail anywhere in the flatbuffer reader
+        raise ValueError(f"{path} is damaged: its section table cannot be read ({type(error).__name__}); "
+                         f"{again}.") from None
+    if sections is None:
+        return {}
+    if not sections:
+        raise ValueError(f"{path} holds no sections (no model, no tokenizer); {again}.")
+    for index, (_, begin, end) in enumerate(sections):
+        if not table_end <= begin <= end <= size:
+            raise ValueError(f"{path} is cut short or damaged: section {index} spans bytes {begin:,}-{end:,} "
+                             f"but the file has {size:,} bytes; {again}.")
+    return {kind: (begin, end) for kind, begin, end in sections}
+
+
+def _sections(table):
+    """[(type name, begin, end)] of each section in the section-table flatbuffer (None: no reader).
+
+    Read with litert-lm-builder's generated schema (installed beside the
+    engine by the export extra).
+    """
+    try:
+        from litert_lm_builder import litertlm_header_schema_py_generated as schema
+    except ImportError:
+        return None
+    names = {value: name for name, value in vars(schema.AnySectionDataType).items() if not name.startswith("_")}
+    sections = schema.LiteRTLMMetaData.GetRootAs(table, 0).SectionMetadata()
+    if sections is None:
+        return []
+    found = []
+    for i in range(sections.ObjectsLength()):
+        section = sections.Objects(i)
+        found.append((names.get(section.DataType(), "unknown"), section.BeginOffset(), section.EndOffset()))
+    return found
+
+
+def read_contract(path, sections):
+    """(tokenizer, cache length) from a checked bundle's sections; (None, None) where one is missing."""
+    def read(kind):
+        if kind not in sections:
+            return None
+        begin, end = sections[kind]
+        with open(path, "rb") as f:
+            f.seek(begin)
+            return f.read(end - begin)
+
+    tokenizer_bytes, metadata_bytes = read("SP_Tokenizer"), read("LlmMetadataProto")
+    tokenizer = Gemma2Tokenizer(tokenizer_bytes) if tokenizer_bytes else None
+    cache_length = None
+    if metadata_bytes:
+        _, llm_metadata_pb2 = _builder()
+        proto = llm_metadata_pb2.LlmMetadata()
+        proto.ParseFromString(metadata_bytes)
+        cache_length = proto.max_num_tokens or None
+    return tokenizer, cache_length

@@ -2,6 +2,9 @@
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -283,3 +286,61 @@ def test_export_from_another_backend_writes_a_bundle_the_engine_runs(tiny_text_p
     finally:
         engine.close()
     assert text == model.tokenizer.detokenize(_generated_ids(model, _ids(model, LONG, bos=True), 8))
+
+
+def test_cut_or_damaged_bundles_are_refused_in_one_line_before_the_engine_sees_them(bundle, tmp_path):
+    """The engine aborted the process (SIGABRT, a native stack trace) on a file cut short.
+    Every cut, and garbage in the section table, is one `error:` line and exit 2, for run
+    and chat; checked in a child process, since the failure being guarded is an abort."""
+    with open(bundle[0], "rb") as f:
+        data = f.read()
+    header_end = int.from_bytes(data[24:32], "little")
+    damaged = bytearray(data)
+    damaged[40:header_end] = b"\xff" * (header_end - 40)
+    files = {"20KB": data[:20_000], "half": data[: len(data) // 2], "last_550": data[:-550],
+             "header_only": data[:100], "not_a_bundle": b"hello", "damaged_table": bytes(damaged)}
+    for name, content in files.items():
+        (tmp_path / f"{name}.litertlm").write_bytes(content)
+    script = (
+        "import sys\nfrom keras_gemma2 import cli\n"
+        "for name in sys.argv[1:]:\n"
+        "    print(name, cli.main(['run', name + '.litertlm', 'x']), cli.main(['chat', name + '.litertlm']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, *files], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "KERAS_BACKEND": "jax"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:-1] == [f"{name} 2 2" for name in files]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 * len(files)
+    assert all(("cut short" in e or "damaged" in e or "not a LiteRT-LM bundle" in e) and "export it again" in e
+               for e in errors), errors
+
+
+def test_an_upper_case_suffix_runs_like_the_lower_case_one(bundle, engine, tmp_path, capsys):
+    upper = tmp_path / "TINY.LITERTLM"
+    shutil.copyfile(bundle[0], upper)
+    assert cli.main(["run", str(upper), SHORT, "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out == "".join(engine.stream(SHORT, max_new_tokens=5)) + "\n"
+
+
+def test_budgets_past_the_cache_are_refused_and_a_full_chat_cache_is_said(bundle, engine, capsys, monkeypatch):
+    """The engine stopped at the end of its cache with exit 0 and no notice."""
+    path, model = bundle
+    prompt_length = len(_ids(model, SHORT, bos=True))
+    assert cli.main(["run", path, SHORT, "--max-new-tokens", str(CACHE - prompt_length + 1)]) == 2
+    err = capsys.readouterr().err
+    assert f"use --max-new-tokens {CACHE - prompt_length} or less" in err and err.count("\n") == 1
+    # The largest budget that fits is decoded in full.
+    text = "".join(engine.stream(SHORT, max_new_tokens=CACHE - prompt_length))
+    assert text == model.tokenizer.detokenize(_generated_ids(model, _ids(model, SHORT, bos=True),
+                                                             CACHE - prompt_length))
+
+    lines = iter(["Hello there", "and then?", "/reset", "Hello there", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert cli.main(["chat", path, "--max-new-tokens", "60"]) == 0
+    out, err = capsys.readouterr()
+    # The first reply ran into the end of the cache; the next message is refused, and the
+    # conversation goes on (/reset, then the same message again).
+    assert err.count("cache of 64 tokens is full") == 2
+    assert err.count("does not fit what is left of the bundle's cache") == 1
+    assert "Traceback" not in err and out.count("model> ") == 2

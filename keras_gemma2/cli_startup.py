@@ -19,6 +19,7 @@ import threading
 import time
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C'd command
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 SHOW_BACKEND_LOGS = "--backend-logs"
 # TensorFlow's C++ log threshold: 0 all, 1 no INFO, 2 no WARNING, 3 no ERROR either (this
 # also hides "failed call to cuInit" on machines without a GPU). The user's value wins.
@@ -154,11 +155,14 @@ def _install_interrupt_handler():
     which can sit in one C++ call (an XLA compile) for a long time; the
     C-level handler also writes to a wakeup pipe, and a watcher thread exits
     after a short grace period if the main thread has not by then.
-    What is lost is what a kill loses: the library writes every file
-    atomically (a temporary file renamed into place), so nothing is half-written.
+    SIGTERM exits the same way with 143. Before exiting, the abrupt-exit hooks
+    stop child processes and remove the staging folders and temporary files
+    being written (io.atomic): the library writes every file atomically (a
+    temporary file renamed into place), so nothing half-written is left.
     """
     try:
         signal.signal(signal.SIGINT, _on_interrupt)
+        signal.signal(signal.SIGTERM, _on_terminate)
         read, write = os.pipe()
         os.set_blocking(write, False)
         signal.set_wakeup_fd(write, warn_on_full_buffer=False)
@@ -201,6 +205,9 @@ def _watch_interrupts(read):
         data = os.read(read, 64)
         if not data:
             return
+        if signal.SIGTERM in data:  # the main thread's handler exits first when it can
+            time.sleep(_INTERRUPT_GRACE_S)
+            exit_interrupted(flush=False, status=EXIT_TERMINATED)
         for _ in range(data.count(signal.SIGINT)):
             if _deferred["active"]:
                 _deferred["count"] += 1
@@ -219,9 +226,47 @@ def _write_stderr(text):
         pass
 
 
-def exit_interrupted(flush):
-    """Exit 130 now, starting the shell's prompt on a new line (imports nothing: the
-    main thread may hold the import lock)."""
+# Run, newest first, when the command is interrupted or terminated (it then exits at once,
+# skipping `finally` blocks): stop child processes, remove half-written files (io.atomic).
+_abrupt_exit_hooks = []
+_final_hooks = []  # always_on_abrupt_exit's: after the others (children stopped first)
+# Taken by the first thread that exits (the main thread's handler or the watcher), never
+# given back: the other waits there for os._exit rather than run the hooks a second time.
+_exiting = threading.Lock()
+
+
+@contextlib.contextmanager
+def on_abrupt_exit(hook):
+    """Within: `hook()` runs if Ctrl-C or SIGTERM ends the command."""
+    _abrupt_exit_hooks.append(hook)
+    try:
+        yield
+    finally:
+        _abrupt_exit_hooks.remove(hook)
+
+
+def always_on_abrupt_exit(hook):
+    """`hook()` runs, after on_abrupt_exit's, whenever Ctrl-C or SIGTERM ends the command."""
+    _final_hooks.append(hook)
+
+
+def _run_abrupt_exit_hooks():
+    for hook in list(reversed(_abrupt_exit_hooks)) + _final_hooks:
+        try:
+            hook()
+        except Exception:  # noqa: BLE001 - the exit goes ahead whatever a hook does
+            pass
+
+
+def _on_terminate(signum, frame):
+    exit_interrupted(flush=True, status=EXIT_TERMINATED)
+
+
+def exit_interrupted(flush, status=EXIT_INTERRUPTED):
+    """Exit 130 (SIGTERM: 143) now, once the abrupt-exit hooks ran, starting the shell's prompt
+    on a new line (imports nothing: the main thread may hold the import lock)."""
+    _exiting.acquire()
+    _run_abrupt_exit_hooks()
     if flush:
         for stream in (sys.stdout, sys.stderr):
             try:
@@ -234,4 +279,4 @@ def exit_interrupted(flush):
             os.write(fd, b"\n")
     except OSError:
         pass
-    os._exit(EXIT_INTERRUPTED)
+    os._exit(status)

@@ -234,3 +234,53 @@ def test_ctrl_c_while_training_keeps_what_was_trained(tmp_path, tiny_text_preset
         assert any(not np.array_equal(a, b) for a, b in zip(got, start))  # it trained
         for a, b in zip(got, expected):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _export_stopped_at(backend, folder, stage, signum):
+    """`keras-gemma2 export` of the demo preset into `folder` under `backend`, sent `signum` once
+    its progress shows `stage`; (note, exit status, stderr, seconds to exit)."""
+    note = f"{backend} export, {signal.Signals(signum).name} at {stage!r}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "keras_gemma2.cli", "export", "--preset", "gemma2_demo", "out.litertlm"],
+        cwd=folder, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env={**os.environ, "KERAS_BACKEND": backend},
+    )
+    seen, deadline = b"", time.monotonic() + TIMEOUT_S
+    try:
+        while stage.encode() not in seen:
+            assert time.monotonic() < deadline and process.poll() is None, f"{note}: no stage; {seen[-800:]!r}"
+            ready, _, _ = select.select([process.stderr], [], [], 1.0)
+            if ready:
+                seen += os.read(process.stderr.fileno(), 65536)
+        process.send_signal(signum)
+        sent = time.monotonic()
+        rest = process.communicate(timeout=TIMEOUT_S)[1]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return note, process.returncode, (seen + rest).decode(errors="replace"), time.monotonic() - sent
+
+
+@pytest.mark.backend_agnostic
+def test_a_stopped_export_leaves_nothing_behind_and_no_child_running(tmp_path):
+    """SIGTERM or Ctrl-C during an export left its staging folder (for the 2B a ~10 GB float
+    copy) beside the target until a later export there. Under JAX the export runs in a
+    TensorFlow child (it must stop too); under TensorFlow in this process."""
+    cases = [("jax", "saving the SavedModel", signal.SIGTERM), ("jax", "tracing the prefill", signal.SIGINT),
+             ("tensorflow", "converting to LiteRT", signal.SIGTERM),
+             ("tensorflow", "saving the SavedModel", signal.SIGINT)]
+    folders = [tmp_path / str(i) for i in range(len(cases))]
+    for folder in folders:
+        folder.mkdir()
+    with concurrent.futures.ThreadPoolExecutor(PARALLEL) as pool:
+        results = list(pool.map(lambda args: _export_stopped_at(args[0], args[1], *args[2]),
+                                [(b, f, (s, n)) for (b, s, n), f in zip(cases, folders)]))
+    time.sleep(1)  # a child the export left running would still be there now
+    children = subprocess.run(["pgrep", "-f", f"tensorflow-child.*{tmp_path}|{tmp_path}.*tensorflow-child"],
+                              capture_output=True, text=True).stdout
+    assert children == "", f"export children still running: {children}"
+    for (note, status, stderr, seconds), folder, (_, _, signum) in zip(results, folders, cases):
+        assert status == 128 + signum and seconds < EXITS_WITHIN_S, (note, status, seconds, stderr[-1500:])
+        assert "Traceback" not in stderr, (note, stderr[-1500:])
+        # Either no bundle, or a whole one (a rename is atomic): never staging beside it.
+        assert sorted(os.listdir(folder)) in ([], ["out.litertlm"]), (note, os.listdir(folder))

@@ -17,7 +17,6 @@ Writing takes a config, the variables by path and a tokenizer.
 
 import json
 import os
-import shutil
 
 import keras
 import ml_dtypes
@@ -252,8 +251,7 @@ def save_preset(preset_dir, config, variables, dtype_policy, tokenizer=None, max
             os.rmdir(preset_dir)  # empty, checked above
         os.replace(staging, preset_dir)
     finally:
-        if os.path.exists(staging):
-            shutil.rmtree(staging, ignore_errors=True)
+        atomic.remove_staging(staging)
     return preset_dir
 
 

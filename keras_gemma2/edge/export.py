@@ -34,13 +34,14 @@ import time
 
 import keras
 
+from keras_gemma2 import cli_startup
 from keras_gemma2.causal_lm import Gemma2CausalLM
 from keras_gemma2.edge import litert_weights
-from keras_gemma2.edge.litert_conversion import CHILD_ENVIRONMENT, convert_file
+from keras_gemma2.edge.litert_conversion import CHILD_ENVIRONMENT, PARENT_VARIABLE, convert_file
 from keras_gemma2.edge.litertlm_bundle import write_bundle
 from keras_gemma2.edge.plan import DEFAULT_FORMAT, DEFAULT_QUANTIZATION, METADATA_NAME, plan_export
 from keras_gemma2.edge.signatures import build_signatures, metadata
-from keras_gemma2.io.atomic import staging_directory
+from keras_gemma2.io.atomic import remove_staging, staging_directory
 from keras_gemma2.io.safetensors_files import write_json
 from keras_gemma2.model.quantization import quantization_modes
 
@@ -178,7 +179,7 @@ def _export_here(backbone, tokenizer, plan, stop_ids, stitch=True, progress=None
         os.replace(staged_model, plan.path)
         return plan.path
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_staging(staging)
 
 
 class _Steps:
@@ -249,10 +250,10 @@ def _export_in_child(model, plan, progress=None):
             command += ["--quantization", plan.quantization]
         if plan.embedding_quantization not in (None, plan.quantization):
             command += [EMBEDDING_OPTION, plan.embedding_quantization]
-        environment = {**os.environ, **CHILD_ENVIRONMENT, _PARENT_VARIABLE: str(os.getpid())}
+        environment = {**os.environ, **CHILD_ENVIRONMENT, PARENT_VARIABLE: str(os.getpid())}
         _run_child(command, environment, stage)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        remove_staging(scratch)
     return plan.path
 
 
@@ -274,18 +275,17 @@ def _run_child(command, environment, stage):
     tail = collections.deque(maxlen=80)
     process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, errors="replace")
-    try:
-        for line in process.stdout:
-            if line.startswith(_STAGE_MARKER):
-                stage(line[len(_STAGE_MARKER):].strip())
-            elif line.strip():
-                tail.append(line.rstrip())
-        status = process.wait()
-    finally:
-        if process.poll() is None:  # interrupted here (e.g. Ctrl-C in a notebook): stop it too
+
+    def stop_child():  # this command is interrupted or terminated: the child removes its staging, then ends
+        process.terminate()
+        try:
+            process.wait(timeout=_CHILD_STOP_S)
+        except subprocess.TimeoutExpired:
             process.kill()
-            process.wait()
-        process.stdout.close()
+
+    with cli_startup.on_abrupt_exit(stop_child):
+        _follow_child(process, tail, stage)
+    status = process.returncode
     if status != 0:
         last = tail[-1].removeprefix("error: ") if tail else f"exit status {status}"  # the CLI's one line
         raise RuntimeError(
@@ -293,13 +293,34 @@ def _run_child(command, environment, stage):
         )
 
 
-def _die_with_parent():
+# How long an interrupted export waits for its child to remove its own staging folder.
+_CHILD_STOP_S = 10
+
+
+def _follow_child(process, tail, stage):
+    """Read the child's output to its end: stage lines to `stage`, the rest into `tail`."""
+    try:
+        for line in process.stdout:
+            if line.startswith(_STAGE_MARKER):
+                stage(line[len(_STAGE_MARKER):].strip())
+            elif line.strip():
+                tail.append(line.rstrip())
+        process.wait()
+    finally:
+        if process.poll() is None:  # interrupted here (e.g. Ctrl-C in a notebook): stop it too
+            process.kill()
+            process.wait()
+        process.stdout.close()
+
+
+def die_with_parent():
     """Called first in the export child: Linux ends it when the exporting process dies.
 
-    A killed export then leaves no orphan still converting in the background; its
-    staging folder is removed by the next export (files.staging_directory).
+    A killed export then leaves no orphan still converting in the background. The
+    SIGTERM lets the child remove its staging folder (cli_startup's abrupt exit);
+    after a SIGKILL the next export removes it (atomic.staging_directory).
     """
-    parent = os.environ.pop(_PARENT_VARIABLE, None)
+    parent = os.environ.pop(PARENT_VARIABLE, None)
     if parent is None:  # run by hand, not by _export_in_child
         return
     try:
@@ -313,7 +334,6 @@ def _die_with_parent():
         sys.exit(1)
 
 
-_PARENT_VARIABLE = "KERAS_GEMMA2_EXPORT_PARENT"
 
 
 def export_preset(preset, path, format=DEFAULT_FORMAT, quantization=DEFAULT_QUANTIZATION, cache_length=None,
@@ -341,7 +361,7 @@ def run_export_child(preset, path, format, quantization, cache_length, prefill_l
 
     It ends with its parent and reports each stage as a marked line on stderr.
     """
-    _die_with_parent()
+    die_with_parent()
 
     def stage(name):
         print(_STAGE_MARKER + name, file=sys.stderr, flush=True)

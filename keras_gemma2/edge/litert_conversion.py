@@ -5,10 +5,15 @@ import os
 import subprocess
 import sys
 
+from keras_gemma2 import cli_startup
+
 # A TensorFlow child that only loads, traces and converts: with oneDNN's ops on, TensorFlow
 # allocates through a pool that never returns memory (assigning the 2B's 2.4 GB embedding
 # keeps the old buffer too), and it computes nothing that oneDNN would speed up.
 CHILD_ENVIRONMENT = {"KERAS_BACKEND": "tensorflow", "TF_ENABLE_ONEDNN_OPTS": "0"}
+
+# Set in a child's environment to the exporting process's id (export.die_with_parent).
+PARENT_VARIABLE = "KERAS_GEMMA2_EXPORT_PARENT"
 
 # Above this the flatbuffer's 2 GB limit needs weights stored after it (buffer offsets).
 _LARGE_MODEL_BYTES = 1 << 30
@@ -37,17 +42,25 @@ def convert_file(saved_model_dir, output_path, signature_keys, quantization, buf
         "signature_keys": list(signature_keys), "quantization": quantization, "weight_bytes": 1 << 62,
     })
     code = (
-        "import json; from keras_gemma2.edge.litert_conversion import _write_litert; "
-        f"_write_litert(**json.loads({arguments!r}))"
+        "import json; from keras_gemma2.edge import export, litert_conversion; export.die_with_parent(); "
+        f"litert_conversion._write_litert(**json.loads({arguments!r}))"
     )
-    environment = {**os.environ, **CHILD_ENVIRONMENT}
-    result = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True)
-    if result.returncode != 0:
-        killed = f" (killed by signal {-result.returncode}: out of memory?)" if result.returncode < 0 else ""
-        raise RuntimeError(
-            f"The TFLite conversion process failed with exit status {result.returncode}{killed}:\n"
-            + result.stderr[-4000:]
-        )
+    environment = {**os.environ, **CHILD_ENVIRONMENT, PARENT_VARIABLE: str(os.getpid())}
+    process = subprocess.Popen([sys.executable, "-c", code], env=environment, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, errors="replace")
+    # It writes only into this export's staging folder: if the export is stopped, so is it.
+    with cli_startup.on_abrupt_exit(process.kill):
+        try:
+            _, errors = process.communicate()
+        finally:
+            if process.poll() is None:  # interrupted here (a notebook's KeyboardInterrupt)
+                process.kill()
+                process.wait()
+    if process.returncode != 0:
+        status = process.returncode
+        killed = f" (killed by signal {-status}: out of memory?)" if status < 0 else ""
+        raise RuntimeError(f"The TFLite conversion process failed with exit status {status}{killed}:\n"
+                           + errors[-4000:])
 
 
 def _write_litert(saved_model_dir, output_path, signature_keys, quantization, weight_bytes):

@@ -5,6 +5,46 @@ import os
 import shutil
 import tempfile
 
+from keras_gemma2 import cli_startup
+
+# Staging folders and temporary files this process is writing: removed if the command is
+# interrupted or terminated (its abrupt exit skips `finally` blocks), else by their writer.
+_unfinished = set()
+
+
+def _remove_unfinished():
+    for path in list(_unfinished):
+        remove_staging(path)
+
+
+cli_startup.always_on_abrupt_exit(_remove_unfinished)
+
+
+def remove_staging(path):
+    """Delete a staging folder or temporary file (if still there) and forget it."""
+    path = os.path.abspath(path)
+    for _ in range(3):  # a writer still running in another thread may add a file meanwhile
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        if not os.path.lexists(path):
+            break
+    _unfinished.discard(path)
+
+
+def track_staging(path):
+    """`path` (a folder or file about to be written, then renamed or removed) is removed if the
+    command is interrupted or terminated first; remove_staging or forget_staging ends that."""
+    _unfinished.add(os.path.abspath(path))
+    return path
+
+
+def forget_staging(path):
+    """`path` was renamed into place (or removed): nothing to clean up there any more."""
+    _unfinished.discard(os.path.abspath(path))
+
 
 @contextlib.contextmanager
 def atomic_write(path, mode="wb"):
@@ -16,6 +56,7 @@ def atomic_write(path, mode="wb"):
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    track_staging(temporary)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -24,8 +65,7 @@ def atomic_write(path, mode="wb"):
         os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp creates 0600: the usual permissions
         os.replace(temporary, path)
     finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+        remove_staging(temporary)
 
 
 def current_umask():
@@ -54,7 +94,7 @@ def staging_directory(parent, prefix):
     users and containers.
     """
     remove_stale_staging(parent, prefix)
-    path = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
+    path = track_staging(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
     os.chmod(path, 0o777 & ~current_umask())
     return path
 

@@ -34,7 +34,7 @@ def save_checkpoint(model, directory, step, history):
     """Write step_NNNNNNN/ (weights, optimizer, state), then point `latest` at it."""
     name = f"step_{step:07d}"
     final = os.path.join(directory, name)
-    staging = os.path.join(directory, f".{name}.partial")
+    staging = atomic.track_staging(os.path.join(directory, f".{name}.partial"))
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     student = trained_model(model)
@@ -46,6 +46,7 @@ def save_checkpoint(model, directory, step, history):
         json.dump(state, f)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
+    atomic.forget_staging(staging)
     with atomic_write(os.path.join(directory, LATEST), "w") as f:
         f.write(name)
     for other in os.listdir(directory):  # keep only the newest complete checkpoint

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from keras_gemma2 import cli_startup
 from keras_gemma2.io import atomic
 
 # Backend-agnostic: runs once, under conftest.AGNOSTIC_BACKEND (jax): staging folders and atomic writes
@@ -44,3 +45,44 @@ def test_staging_folders_get_the_umask_permissions(tmp_path):
     finally:
         os.umask(old)
     assert os.stat(path).st_mode & 0o777 == 0o755
+
+
+def _hooks_then_listing(parent, listed):
+    """A stand-in for a writer called mid-save: run the abrupt-exit hooks (what Ctrl-C / SIGTERM
+    do before the command exits), note what `parent` then holds, and stop the save."""
+    def stop_here(*args, **kwargs):
+        cli_startup._run_abrupt_exit_hooks()
+        listed.append(sorted(os.listdir(parent)))
+        raise RuntimeError("stopped mid-save")
+
+    return stop_here
+
+
+def test_an_abrupt_exit_removes_the_staging_of_a_save_a_checkpoint_and_an_atomic_write(tmp_path, monkeypatch):
+    """An interrupted or terminated command skips `finally` blocks: a preset's staging folder,
+    a training checkpoint's `.step_N.partial` and an atomic write's temporary file were left."""
+    import keras
+
+    from helpers import tiny
+    from keras_gemma2.checkpoints import presets
+    from keras_gemma2.training import trainer
+
+    listed = []
+    monkeypatch.setattr(presets.safetensors_files, "write_sharded", _hooks_then_listing(tmp_path, listed))
+    with pytest.raises(RuntimeError, match="stopped mid-save"):
+        tiny().save_to_preset(str(tmp_path / "preset"))
+
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    model = tiny()
+    model.compile(optimizer=keras.optimizers.SGD())
+    model.optimizer.build(model.trainable_variables)
+    monkeypatch.setattr(trainer.safetensors_files, "write_file", _hooks_then_listing(checkpoints, listed))
+    with pytest.raises(RuntimeError, match="stopped mid-save"):
+        trainer.save_checkpoint(model, str(checkpoints), 3, [])
+
+    with pytest.raises(RuntimeError, match="stopped mid-save"):
+        with atomic.atomic_write(tmp_path / "file.bin") as f:
+            f.write(b"half")
+            _hooks_then_listing(tmp_path, listed)()
+    assert listed == [[], [], ["checkpoints"]]

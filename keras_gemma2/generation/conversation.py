@@ -12,7 +12,9 @@ model's context the turn is refused before any work, or, on request, the
 oldest turns are dropped and what is left is prefilled again.
 """
 
+import contextlib
 import dataclasses
+import threading
 
 import numpy as np
 from keras import ops
@@ -85,11 +87,36 @@ class Conversation:
             tokenizer.chat_format()["turn"].split("{content}")[0].format(role="user"), add_bos=False
         )
         self._open = None  # a streamed reply not yet read to its end
+        self._guard, self._working = threading.Lock(), False
         self.reset()
+
+    @contextlib.contextmanager
+    def _one_at_a_time(self):
+        """Refuse to start while another thread works on this conversation (a turn, a stream's step).
+
+        One KV cache and one transcript: two turns at once would each feed the
+        cache and record a transcript that is not what the model saw.
+        """
+        with self._guard:
+            if self._working:
+                raise RuntimeError(
+                    "This conversation is busy with a turn in another thread: it holds one KV cache, so "
+                    "its turns go one at a time. Wait for that turn (or its stream) to finish, or give "
+                    "each thread its own conversation (model.start_chat())."
+                )
+            self._working = True
+        try:
+            yield
+        finally:
+            self._working = False
 
     # ---- the transcript -------------------------------------------------------
     def reset(self):
         """Start over: an empty transcript (the `messages` given to start_chat come back)."""
+        with self._one_at_a_time():
+            self._reset()
+
+    def _reset(self):
         self._close_open_stream()
         self._ids = []  # the transcript, including ids not yet in the cache
         self._cached = 0  # the cache holds self._ids[:self._cached]
@@ -101,14 +128,16 @@ class Conversation:
     @property
     def token_ids(self):
         """The transcript so far (int32): BOS, the turns, the replies' sampled ids."""
-        self._close_open_stream()
-        return np.asarray(self._ids, "int32")
+        with self._one_at_a_time():
+            self._close_open_stream()
+            return np.asarray(self._ids, "int32")
 
     @property
     def messages(self):
         """The history as text: start_chat's messages, then each user message and reply."""
-        self._close_open_stream()
-        return list(self._messages)
+        with self._one_at_a_time():
+            self._close_open_stream()
+            return list(self._messages)
 
     @property
     def cached_tokens(self):
@@ -122,7 +151,12 @@ class Conversation:
         `stream=True` returns an iterator of text pieces; `stream=callable`
         calls it with each piece and returns the text. A refused turn (bad
         input, or a transcript that would outgrow the context) changes nothing.
+        Turns go one at a time: a send while another thread's turn runs is refused.
         """
+        with self._one_at_a_time():
+            return self._send(message, max_new_tokens, stream, return_logprobs)
+
+    def _send(self, message, max_new_tokens, stream, return_logprobs):
         self._close_open_stream()
         check_output_options(None, return_logprobs, stream, beam=False)
         if not isinstance(message, str):
@@ -137,7 +171,7 @@ class Conversation:
         seed = None if self._seed is None else (self._seed + len(self.turns)) % 2**31
         rows = self._reply(message, ids, cached, dropped, request, seed, chunk=1 if stream else None)
         if stream is True:
-            self._open = results.stream_text(rows, self.model.tokenizer, request)
+            self._open = self._stepwise(results.stream_text(rows, self.model.tokenizer, request))
             return self._open
         if callable(stream):
             return results.hand_each(stream, results.stream_text(rows, self.model.tokenizer, request))
@@ -265,6 +299,18 @@ class Conversation:
             self._caches = kv_cache.map_caches(grow, self._caches)
         self._cache_length = length
         return self._caches
+
+    def _stepwise(self, pieces):
+        """A streamed reply whose every step claims the conversation (see _one_at_a_time)."""
+        try:
+            while True:
+                with self._one_at_a_time():
+                    piece = next(pieces, None)
+                if piece is None:
+                    return
+                yield piece
+        finally:
+            pieces.close()  # closed early (by a later send, or its reader): keep what was read
 
     def _close_open_stream(self):
         """Finish a streamed reply nobody read to its end: it keeps what was generated."""

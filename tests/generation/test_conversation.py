@@ -284,3 +284,55 @@ def test_tensorflow_programs_slice_only_at_constant_starts(model, monkeypatch):
                     assert op.inputs[1].op.type == "Const", f"{op.name} starts at {op.inputs[1].op.type}"
                 dynamic += op.type == "XlaDynamicSlice"
     assert dynamic > 0
+
+
+def test_a_turn_sent_while_another_threads_turn_runs_is_refused_and_the_transcript_stays_true(model, monkeypatch):
+    """Two threads sending on one conversation both returned, and the transcript recorded
+    two turns with one turn's ids (or no <end_of_turn> between them)."""
+    import threading
+
+    inside, attempted, refused = threading.Event(), threading.Event(), []
+    continuation = model.generator.continuation
+
+    def held(*args):  # the first turn waits inside its prefill until the second send was tried
+        extend, decode = continuation(*args)
+
+        def waiting(*inputs):
+            inside.set()
+            assert attempted.wait(60)
+            return extend(*inputs)
+
+        return waiting, decode
+
+    monkeypatch.setattr(model.generator, "continuation", held)
+    conversation = model.start_chat(max_new_tokens=5, stop_token_ids=())
+
+    def second():
+        assert inside.wait(60)
+        for attempt in (lambda: conversation.send("And then?"), lambda: conversation.token_ids,
+                        conversation.reset):
+            try:
+                attempt()
+            except RuntimeError as error:
+                refused.append(str(error))
+        attempted.set()
+
+    other = threading.Thread(target=second)
+    other.start()
+    reply = conversation.send("Hello")
+    other.join(60)
+    assert len(refused) == 3 and all("busy with a turn in another thread" in e for e in refused)
+    monkeypatch.undo()
+    alone = model.start_chat(max_new_tokens=5, stop_token_ids=())
+    assert reply == alone.send("Hello")
+    assert conversation.token_ids.tolist() == alone.token_ids.tolist() and len(conversation.turns) == 1
+
+    # A stream being read in one thread: a send from another is refused while a step runs.
+    stream = conversation.send("And then?", stream=True)
+    inside.clear()
+    attempted.clear()
+    monkeypatch.setattr(model.generator, "continuation", held)
+    threading.Thread(target=lambda: (inside.wait(60), refused.append(
+        pytest.raises(RuntimeError, conversation.send, "x")), attempted.set())).start()
+    "".join(stream)
+    assert len(refused) == 4 and len(conversation.turns) == 2

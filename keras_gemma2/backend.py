@@ -1,5 +1,6 @@
 """The only backend-specific code in the library: small, explicit checks."""
 
+import functools
 import threading
 
 import keras
@@ -111,6 +112,45 @@ def compile_function(fn, variables, donate_first=False, torch_compile=False):
     return eager
 
 
+def platform():
+    """Where the backend runs this process's computations: "cpu", "gpu" or "tpu".
+
+    The speed workarounds measured on XLA:CPU (a host-driven decode loop for a
+    low-precision batch-1 model, kernel-first and matrix-vector products, the
+    identity gather in int8 projections) apply only on "cpu" (`on_cpu`); on
+    accelerators the plain products and the on-device loop are kept.
+    """
+    return _probe_platform()
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_platform():
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        name = jax.default_backend()  # where jit places computations: "cpu", "gpu", "tpu" (or a plugin)
+        return name if name in ("cpu", "tpu") else "gpu"
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        if tf.config.list_logical_devices("TPU"):
+            return "tpu"
+        return "gpu" if tf.config.list_logical_devices("GPU") else "cpu"
+    if backend == "torch":
+        import torch
+
+        # Keras places torch tensors on CUDA (or Apple's MPS) when there is one.
+        if torch.cuda.is_available() or (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            return "gpu"
+    return "cpu"
+
+
+def on_cpu():
+    """Whether the CPU-only speed workarounds apply (see `platform`)."""
+    return platform() == "cpu"
+
+
 def steps_from_host(model, batch_size):
     """Whether generation drives its decode loop from the host, one compiled step per token.
 
@@ -123,11 +163,14 @@ def steps_from_host(model, batch_size):
     several times slower inside a while loop (benchmarks/decode_paths.py). A batch
     keeps the compiled loop: XLA hoists its weights' conversion to float32 out
     of the loop, where a step from the host would convert them every token
-    (bfloat16 at batch 8: ~5x slower). A float32 model keeps the loop too.
+    (bfloat16 at batch 8: ~5x slower). A float32 model keeps the loop too. On a
+    GPU or TPU (`on_cpu` false) the loop stays on the device: a per-token sync
+    with the host is what a device loop avoids.
     """
     if keras.backend.backend() == "torch":
         return True
-    return batch_size == 1 and any(variable.dtype != "float32" for variable in model.backbone.weights)
+    return (batch_size == 1 and any(variable.dtype != "float32" for variable in model.backbone.weights)
+            and on_cpu())
 
 
 def torch_compiles(model):

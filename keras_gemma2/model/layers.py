@@ -83,7 +83,18 @@ def soft_cap(x, cap):
 # Chunks of at most this many positions put the kernel first: one-token decode steps and
 # speculative verification (num_draft_tokens + 1 <= 17 positions).
 KERNEL_FIRST_POSITIONS = 17
-_plans = [{"kernel_first_positions": KERNEL_FIRST_POSITIONS, "one_row": True}]
+_plans = []  # product_plan's, innermost last; without one, _plan() decides by the platform
+# On a GPU or TPU: the plain product everywhere (the plans below were measured on XLA:CPU).
+_PLAIN = {"kernel_first_positions": 0, "one_row": False}
+
+
+def _plan():
+    """The product plan in force: product_plan's, else the CPU's (on_cpu) or the plain one."""
+    if _plans:
+        return _plans[-1]
+    if backend.on_cpu():
+        return {"kernel_first_positions": KERNEL_FIRST_POSITIONS, "one_row": True}
+    return _PLAIN
 
 
 @contextlib.contextmanager
@@ -93,6 +104,7 @@ def product_plan(kernel_first_positions=KERNEL_FIRST_POSITIONS, one_row=True):
 
     LiteRT export traces with (1, False): its converter and weight tooling expect
     the plain product for prompt chunks (a FULLY_CONNECTED whose weights it can find).
+    Without a plan, products follow the platform (`_plan`).
     """
     _plans.append({"kernel_first_positions": kernel_first_positions, "one_row": one_row})
     try:
@@ -104,7 +116,7 @@ def product_plan(kernel_first_positions=KERNEL_FIRST_POSITIONS, one_row=True):
 def is_one_row(inputs):
     """Whether rows_times_transposed takes its one-row (matrix-vector) path for `inputs`."""
     shape = inputs.shape
-    return (_plans[-1]["one_row"] and len(shape) == 3 and shape[0] == 1 and shape[1] == 1
+    return (_plan()["one_row"] and len(shape) == 3 and shape[0] == 1 and shape[1] == 1
             and backend.compiles())
 
 
@@ -125,14 +137,15 @@ def rows_times_transposed(inputs, kernel):
     ~1.5x and ~1.3x slower, and XLA copied the transposed vocabulary table
     every step. Longer chunks (prefill, export's prompt buckets of 32 and
     more) keep the plain product. PyTorch's one row stays kernel first (its
-    [1, in] x [in, out] form ran 2x slower there).
+    [1, in] x [in, out] form ran 2x slower there). All of this on the CPU only:
+    on a GPU or TPU the product is the plain one (`_plan`).
     """
     shape = inputs.shape
     seq = shape[1] if len(shape) == 3 else None
     if is_one_row(inputs):
         product = ops.matmul(ops.reshape(inputs, (1, shape[2])), ops.transpose(kernel))
         return ops.reshape(product, (1, 1, kernel.shape[0]))
-    if seq is not None and seq <= _plans[-1]["kernel_first_positions"]:
+    if seq is not None and seq <= _plan()["kernel_first_positions"]:
         return ops.transpose(ops.einsum("fd,btd->fbt", kernel, inputs), (1, 2, 0))
     return ops.einsum("btd,fd->btf", inputs, kernel)
 

@@ -148,8 +148,16 @@ def _is_str(value):
     return isinstance(value, (str, bytes, np.str_, np.bytes_))
 
 
-def _as_str(value):
-    return value.decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else str(value)
+def _as_str(value, index=0):
+    if not isinstance(value, (bytes, np.bytes_)):
+        return str(value)
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"Text {index} is bytes that are not UTF-8 (byte {error.start + 1} is 0x{value[error.start]:02x}): "
+            "decode it with its own encoding and pass str, e.g. data.decode('latin-1')."
+        ) from None
 
 
 def _is_pair(value):
@@ -167,6 +175,11 @@ def text_kind(x):
     """
     if _is_str(x):
         return "text", [_as_str(x)]
+    if isinstance(x, (list, tuple, np.ndarray)) and len(x) == 0:
+        raise ValueError(
+            f"x is an empty {type(x).__name__}: there is nothing to train on or evaluate. Pass at least one text "
+            "(a string, a (prompt, response) pair or a conversation), or a {'token_ids', 'padding_mask'} batch."
+        )
     if isinstance(x, dict) and set(x) == {"prompts", "responses"}:
         prompts, responses = (list(np.asarray(x[k], dtype=object).reshape(-1)) for k in ("prompts", "responses"))
         if len(prompts) != len(responses):
@@ -176,7 +189,7 @@ def text_kind(x):
         return "raw_pair", [(_as_str(p), _as_str(r)) for p, r in zip(prompts, responses)]
     if isinstance(x, np.ndarray):
         if x.dtype.kind in "USO" and x.size and all(_is_str(v) for v in x.reshape(-1)):
-            return "text", [_as_str(v) for v in x.reshape(-1)]
+            return "text", [_as_str(v, i) for i, v in enumerate(x.reshape(-1))]
         if x.dtype.kind in "US":
             return "text", []  # an empty array of strings: refused by `examples`
         return None, None
@@ -184,6 +197,12 @@ def text_kind(x):
         return None, None
     kinds = ["text" if _is_str(v) else "pair" if _is_pair(v) else "chat" if _is_conversation(v) else None
              for v in x]
+    for index, (kind, item) in enumerate(zip(kinds, x)):
+        if kind is None and isinstance(item, (list, tuple)) and any(_is_str(v) for v in item):
+            raise ValueError(
+                f"Item {index} is {describe(item)} ({item!r:.80}): a chat pair is exactly two strings, "
+                "(prompt, response); pass pairs like ('What is 2+2?', '4'), or plain strings."
+            )
     if all(k is None for k in kinds):
         return None, None
     if len(set(kinds)) > 1:
@@ -195,9 +214,9 @@ def text_kind(x):
         )
     kind = kinds[0]
     if kind == "text":
-        return kind, [_as_str(v) for v in x]
+        return kind, [_as_str(v, i) for i, v in enumerate(x)]
     if kind == "pair":
-        return kind, [(_as_str(p), _as_str(r)) for p, r in x]
+        return kind, [(_as_str(p, i), _as_str(r, i)) for i, (p, r) in enumerate(x)]
     return kind, list(x)
 
 

@@ -103,7 +103,12 @@ def test_packing_fills_whole_windows(demo, preprocessor):
     ([("Question?", " ")], "Chat pair 0 has an empty response"),
     ([[{"role": "user", "content": "Hi"}]], "Conversation 0 has no non-empty model turn"),
     ({"prompts": ["a", "b"], "responses": ["c"]}, "2 prompts but 1 responses"),
-    (np.array([], dtype=str), "No text given"),
+    (np.array([], dtype=str), "x is an empty ndarray"),
+    # Keras' own KeyError, a numpy UFuncTypeError and a raw UnicodeDecodeError before:
+    ([], "x is an empty list: there is nothing to train on"),
+    ([("q?", 5)], r"Item 0 is a tuple of 2 .*a chat pair is exactly two strings"),
+    ([("q?", "a", "b")], r"Item 0 is a tuple of 3 .*a chat pair is exactly two strings"),
+    (np.array([b"\xff\xfe def", b"ok"]), r"Text 0 is bytes that are not UTF-8 \(byte 1 is 0xff\)"),
 ])
 @pytest.mark.backend_agnostic
 def test_bad_text_is_refused_before_the_first_step(demo, data, message):

@@ -86,7 +86,7 @@ def beam_search(model, request, sampler):
     """The best beam per prompt of a validated request: (tokens [B, n], log-probabilities [B, n])."""
     prompts = request.prompts
     max_new_tokens = request.max_new_tokens
-    padded, padding, bucket = left_pad(prompts, max_new_tokens, model.config.max_sequence_length)
+    padded, padding, bucket = left_pad(prompts, model.config.max_sequence_length)
     key = ("beam", len(prompts), bucket, max_new_tokens, sampler.num_beams,
            request.stop_ids, request.window)
     search = model.generator.cached(key, lambda: _build(

@@ -32,16 +32,31 @@ def prompt_bucket(longest, limit):
     return power_of_two_bucket(longest, MIN_BUCKET, limit)
 
 
-def left_pad(prompts, max_new_tokens, max_sequence_length):
-    """Prompts left-padded to their bucket: (ids [B, bucket], pad counts [B], bucket)."""
+def left_pad(prompts, max_sequence_length):
+    """Prompts left-padded to their bucket: (ids [B, bucket], pad counts [B], bucket).
+
+    The bucket is not shrunk to leave room for the new tokens: left padding takes
+    no positions, and the cache may drop pad indices (`cache_length`), so a budget
+    that fills the context (keras-hub's habitual `max_length`) keeps one bucket.
+    """
     longest = max(len(p) for p in prompts)
-    bucket = prompt_bucket(longest, max_sequence_length - max_new_tokens)
+    bucket = prompt_bucket(longest, max_sequence_length)
     padded = np.zeros((len(prompts), bucket), "int32")
     padding = np.zeros((len(prompts),), "int32")
     for row, prompt in enumerate(prompts):
         padded[row, bucket - len(prompt) :] = prompt
         padding[row] = bucket - len(prompt)
     return padded, padding, bucket
+
+
+def cache_length_for(bucket, longest, new_tokens, context):
+    """Cache indices for a prompt bucket and `new_tokens` more: a power of two (>= 32) up to
+    the context, and never fewer than the real tokens' indices (`longest` + `new_tokens`).
+
+    Below bucket + new_tokens the global layers' rings drop the earliest indices
+    first, which every row holds as padding (at least bucket - longest of them).
+    """
+    return max(longest + new_tokens, min(samplers.power_of_two(bucket + new_tokens, 2 * MIN_BUCKET), context))
 
 
 def stop_slots(stop_ids):
@@ -88,7 +103,9 @@ class Generator:
             backbone.config.replace(sliding_window_size=window), cache_length
         )
         first_token, _ = self.sampling_loop(layout, sampler_kind)
-        capacity = cache_length - bucket  # the most new tokens this program can give
+        # The most new tokens a call of this program may ask for: its prompts hold >= 1 token
+        # and all of them stay in the cache (cache_length_for).
+        capacity = cache_length - 1
 
         def start(prompt, padding, stop, settings, seed):
             """Prefill and the first token: all time-to-first-token costs, nothing more."""
@@ -250,9 +267,12 @@ class Generator:
         With a `draft` model, decode is speculative (`speculative.build`).
         """
         context = self.model.config.max_sequence_length
-        padded, padding, bucket = left_pad(prompts, max_new_tokens, context)
+        padded, padding, bucket = left_pad(prompts, context)
         spare = 0 if draft is None else num_draft_tokens + 1  # one round may run past the budget
-        cache_length = power_of_two_bucket(bucket + max_new_tokens + spare, 2 * MIN_BUCKET, context)
+        if draft is None:
+            cache_length = cache_length_for(bucket, max(len(p) for p in prompts), max_new_tokens, context)
+        else:  # a full-length cache, which never drops an index: room for every one
+            cache_length = power_of_two_bucket(bucket + max_new_tokens + spare, 2 * MIN_BUCKET, context)
         stop = stop_slots(stop_ids)
         kind = sampler.kind(self.model.config.vocabulary_size)
         if draft is None:

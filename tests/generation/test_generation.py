@@ -138,6 +138,23 @@ def test_one_program_pair_per_sampler_kind_across_requests():
     assert len(model.generator._functions) == 2
 
 
+def test_a_budget_that_fills_the_context_keeps_one_program_pair():
+    """keras-hub users pass max_length = the context: the prompt bucket was capped at context
+    minus budget, so it shrank to each prompt's exact length and every length compiled a new
+    prefill and decode. Left padding takes no positions; the cache drops pad indices first."""
+    model = tiny()
+    context = TINY.max_sequence_length
+    rng = np.random.default_rng(1)
+    for length in range(3, 13):  # one bucket (16)
+        prompt = rng.integers(1, TINY.vocabulary_size, length).tolist()
+        tokens = model.generate(prompt, max_length=context, stop_token_ids=()).tolist()
+        assert len(tokens) == context - length
+        if length == 3:  # the cache's earliest (pad) indices were overwritten: still exact
+            assert tokens == full_forward_greedy(model, prompt, context - length)
+    if backend.compiles():
+        assert model.generator.compilations == backend_traces(model.generator) == 2
+
+
 def test_sampling_follows_the_seeded_rule_whatever_the_budget(model):
     """Step t's token is select(logits, key [seed, t]): the same tokens for any budget or cache bucket."""
     sampler = Sampler(temperature=0.7, top_k=20, top_p=0.9)

@@ -320,6 +320,8 @@ class Gemma2CausalLM(CheckedTraining, keras.Model):
         min_p=None,
         sliding_window_size=None,
         on_overflow="error",
+        draft_model=None,
+        num_draft_tokens=None,
     ):
         """A `Conversation` that keeps its KV cache between turns: `conversation.send("Hi")`.
 
@@ -331,6 +333,11 @@ class Gemma2CausalLM(CheckedTraining, keras.Model):
         refuses a turn that would outgrow the context, "drop_oldest" drops the
         oldest turns to make room (then prefills what is left once).
         """
+        if draft_model is not None or num_draft_tokens is not None:
+            raise ValueError(
+                "Conversations do not decode speculatively: their cache holds one model's keys. Drop "
+                "draft_model / num_draft_tokens, or use model.generate(..., draft_model=...) per prompt."
+            )
         sampler, seed = self._sampler_and_seed(sampler, seed, temperature, top_k, top_p, min_p)
         return Conversation(
             self, messages, max_new_tokens, sampler, seed, stop_token_ids, stop_strings,

@@ -336,6 +336,15 @@ class Gemma2Tokenizer:
                     f"system message at position {index + (system is not None)}."
                 )
 
+        for index, (role, _) in enumerate(turns):
+            expected = "user" if index % 2 == 0 else "model"
+            if _ROLE_ALIASES[role] != expected:
+                raise ValueError(
+                    f"Message {index + (system is not None)} has role {role!r} where Gemma's chat expects "
+                    f"{expected!r}: turns alternate user, model, user, ... (after an optional first system "
+                    "message). Merge consecutive messages of one role, or add the missing turn."
+                )
+
         out = []
         for index, (role, content) in enumerate(turns):
             content = content.strip()

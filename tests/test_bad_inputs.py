@@ -250,6 +250,12 @@ CHAT = [
     row("chat_without_tokenizer", lambda c: c.bare.chat(MESSAGES), V, "tokenizer", 'chat() needs'),
     row("start_chat_without_tokenizer", lambda c: c.bare.start_chat(), V, "tokenizer", 'start_chat() needs'),
     row("start_chat_beam", lambda c: c.model.start_chat(sampler="beam"), V, "beam", "model.chat"),
+    row("start_chat_draft", lambda c: c.model.start_chat(draft_model=c.model), V, "speculatively", "draft_model"),
+    row("chat_roles_not_alternating", lambda c: c.model.chat([{"role": "user", "content": "a"},
+                                                              {"role": "user", "content": "b"}]), V,
+        "Message 1", "'user'", "alternate"),
+    row("start_chat_history_ends_with_user", lambda c: c.model.start_chat([{"role": "user", "content": "a"}]), V,
+        "'user'", "alternate"),
     row("start_chat_on_overflow", lambda c: c.model.start_chat(on_overflow="truncate"), V,
         "on_overflow", "'drop_oldest'"),
     row("start_chat_bad_history", lambda c: c.model.start_chat([{"role": "bot", "content": "x"}]), V, "'bot'", 'unknown role', "'user', 'model'"),
@@ -283,6 +289,12 @@ SCORE = [
 ]
 
 LOAD = Gemma2CausalLM.from_preset
+def _a_file(folder):
+    path = os.path.join(folder, "weights.safetensors")
+    open(path, "wb").close()
+    return path
+
+
 FROM_PRESET = [
     row("from_preset_unknown_override", lambda c: LOAD("gemma2_tiny_test", foo=1), V,
         "foo", "dtype", "load_weights", "sliding_window_size"),
@@ -292,6 +304,7 @@ FROM_PRESET = [
     row("from_preset_unknown_dtype", lambda c: LOAD("gemma2_tiny_test", dtype="float8x"), V, "dtype", "'float8x'", "'bfloat16'"),
     row("from_preset_unknown_name", lambda c: LOAD("gemma2_tiny_tst"), V, "preset", "gemma2_tiny_test"),
     row("from_preset_not_a_name", lambda c: LOAD(5), TypeError, "preset", 'got 5'),
+    row("from_preset_a_file", lambda c: LOAD(_a_file(c.tmp)), V, "is a file", "a preset is a folder"),
     row("from_preset_missing_folder", lambda c: LOAD(os.path.join(c.tmp, "nope")), FileNotFoundError,
         "preset directory", 'nope', 'does not exist'),
     row("config_files_disagree",

@@ -49,6 +49,11 @@ def resolve_preset(preset):
         if entry.get("local"):
             return entry["local"]
         return download.fetch_any(preset, entry.get("handles", []))
+    if os.path.isfile(preset):
+        raise ValueError(
+            f"Preset {preset!r} is a file; a preset is a folder (config.json and weights). Give the "
+            "folder that holds it, or a preset name (keras-gemma2 presets lists them)."
+        )
     if os.path.sep in preset or preset.startswith(".") or os.path.exists(preset):
         raise FileNotFoundError(
             f"Preset directory {preset!r} does not exist (or is not a directory)."

@@ -90,6 +90,9 @@ def plan_export(model, path, format, quantization, cache_length, prefill_lengths
     `embedding_quantization`: None (the token table as `quantization`) or "int8" /
     "int4", for a LiteRT file with quantized blocks (e.g. int4 blocks, int8 table).
     """
+    if not os.fspath(path):
+        raise ValueError("The export path is empty: give the file to write, e.g. 'model.litertlm' "
+                         "(LiteRT-LM bundle) or 'model.tflite' (LiteRT).")
     path = os.path.abspath(os.fspath(path))
     format = format_of(path, format)
     if quantization not in QUANTIZATIONS:

@@ -350,6 +350,13 @@ def test_the_tensorflow_child_gets_the_embedding_quantization(tiny_model, tmp_pa
     assert weights["decoder_block_0/down"][0].max() <= 7
 
 
+@pytest.mark.backend_agnostic
+def test_an_empty_path_is_named_as_empty(tiny_model):
+    """It was read as the current folder, "with no suffix"."""
+    with pytest.raises(ValueError, match="The export path is empty"):
+        keras_gemma2.export(tiny_model, "")
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -37,7 +37,7 @@ import keras
 from keras_gemma2 import cli_startup
 from keras_gemma2.causal_lm import Gemma2CausalLM
 from keras_gemma2.edge import litert_weights
-from keras_gemma2.edge.litert_conversion import CHILD_ENVIRONMENT, PARENT_VARIABLE, convert_file
+from keras_gemma2.edge.litert_conversion import CHILD_ENVIRONMENT, PARENT_VARIABLE, convert_file, die_with_parent
 from keras_gemma2.edge.litertlm_bundle import write_bundle
 from keras_gemma2.edge.plan import DEFAULT_FORMAT, DEFAULT_QUANTIZATION, METADATA_NAME, plan_export
 from keras_gemma2.edge.signatures import build_signatures, metadata
@@ -311,29 +311,6 @@ def _follow_child(process, tail, stage):
             process.kill()
             process.wait()
         process.stdout.close()
-
-
-def die_with_parent():
-    """Called first in the export child: Linux ends it when the exporting process dies.
-
-    A killed export then leaves no orphan still converting in the background. The
-    SIGTERM lets the child remove its staging folder (cli_startup's abrupt exit);
-    after a SIGKILL the next export removes it (atomic.staging_directory).
-    """
-    parent = os.environ.pop(PARENT_VARIABLE, None)
-    if parent is None:  # run by hand, not by _export_in_child
-        return
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return  # not Linux: the child finishes on its own
-    if os.getppid() != int(parent):  # the parent died before prctl took effect
-        sys.exit(1)
-
-
 
 
 def export_preset(preset, path, format=DEFAULT_FORMAT, quantization=DEFAULT_QUANTIZATION, cache_length=None,

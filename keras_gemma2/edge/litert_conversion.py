@@ -12,7 +12,7 @@ from keras_gemma2 import cli_startup
 # keeps the old buffer too), and it computes nothing that oneDNN would speed up.
 CHILD_ENVIRONMENT = {"KERAS_BACKEND": "tensorflow", "TF_ENABLE_ONEDNN_OPTS": "0"}
 
-# Set in a child's environment to the exporting process's id (export.die_with_parent).
+# Set in a child's environment to the exporting process's id (die_with_parent).
 PARENT_VARIABLE = "KERAS_GEMMA2_EXPORT_PARENT"
 
 # Above this the flatbuffer's 2 GB limit needs weights stored after it (buffer offsets).
@@ -42,8 +42,8 @@ def convert_file(saved_model_dir, output_path, signature_keys, quantization, buf
         "signature_keys": list(signature_keys), "quantization": quantization, "weight_bytes": 1 << 62,
     })
     code = (
-        "import json; from keras_gemma2.edge import export, litert_conversion; export.die_with_parent(); "
-        f"litert_conversion._write_litert(**json.loads({arguments!r}))"
+        "import json; from keras_gemma2.edge import litert_conversion as c; c.die_with_parent(); "
+        f"c._write_litert(**json.loads({arguments!r}))"
     )
     environment = {**os.environ, **CHILD_ENVIRONMENT, PARENT_VARIABLE: str(os.getpid())}
     process = subprocess.Popen([sys.executable, "-c", code], env=environment, stdout=subprocess.DEVNULL,
@@ -61,6 +61,28 @@ def convert_file(saved_model_dir, output_path, signature_keys, quantization, buf
         killed = f" (killed by signal {-status}: out of memory?)" if status < 0 else ""
         raise RuntimeError(f"The TFLite conversion process failed with exit status {status}{killed}:\n"
                            + errors[-4000:])
+
+
+def die_with_parent():
+    """Called first in an export's child (the TensorFlow exporter, the converter): Linux ends it
+    when the exporting process dies.
+
+    A killed export then leaves no orphan still converting in the background. The
+    SIGTERM lets the child remove its staging folder (cli_startup's abrupt exit);
+    after a SIGKILL the next export removes it (atomic.staging_directory).
+    """
+    parent = os.environ.pop(PARENT_VARIABLE, None)
+    if parent is None:  # run by hand, not by an export
+        return
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return  # not Linux: the child finishes on its own
+    if os.getppid() != int(parent):  # the parent died before prctl took effect
+        sys.exit(1)
 
 
 def _write_litert(saved_model_dir, output_path, signature_keys, quantization, weight_bytes):

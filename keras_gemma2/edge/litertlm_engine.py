@@ -152,7 +152,8 @@ class BundleChat:
         if not message.strip():
             raise ValueError("Empty message.")
         text = self.turn_text(message)
-        if self.tokenizer is not None and self.cache_length is not None:
+        counted = self.tokenizer is not None and self.cache_length is not None
+        if counted:
             length = len(self.tokenizer.tokenize(text, add_bos=not self.turns))
             if self.cached_tokens + length + 1 > self.cache_length:
                 raise ValueError(
@@ -165,8 +166,8 @@ class BundleChat:
         yield from _pieces(self.session, text, decoded)
         self._reply_stopped = decoded[0] < self.max_new_tokens
         self.cache_full = False
-        if self.tokenizer is not None and self.cache_length is not None:
-            self.cached_tokens += len(self.tokenizer.tokenize(text, add_bos=self.turns == 1)) + decoded[0]
+        if counted:
+            self.cached_tokens += length + decoded[0]
             # Short of its budget with the cache (nearly) full: cut by the cache, not by a stop.
             self.cache_full = self._reply_stopped and self.cached_tokens >= self.cache_length - 1
 

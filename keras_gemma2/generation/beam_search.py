@@ -15,7 +15,6 @@ from keras_gemma2.generation.generator import decode_step, left_pad, prefill
 from keras_gemma2.model import kv_cache
 
 
-
 def _build(model, batch_size, bucket, max_new_tokens, num_beams, stop_ids, window):
     backbone = model.backbone
     config = backbone.config

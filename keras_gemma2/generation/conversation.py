@@ -87,7 +87,7 @@ class Conversation:
             tokenizer.chat_format()["turn"].split("{content}")[0].format(role="user"), add_bos=False
         )
         self._open = None  # a streamed reply not yet read to its end
-        self._guard, self._working = threading.Lock(), False
+        self._busy = threading.Lock()  # held while one thread works on the conversation
         self.reset()
 
     @contextlib.contextmanager
@@ -97,18 +97,16 @@ class Conversation:
         One KV cache and one transcript: two turns at once would each feed the
         cache and record a transcript that is not what the model saw.
         """
-        with self._guard:
-            if self._working:
-                raise RuntimeError(
-                    "This conversation is busy with a turn in another thread: it holds one KV cache, so "
-                    "its turns go one at a time. Wait for that turn (or its stream) to finish, or give "
-                    "each thread its own conversation (model.start_chat())."
-                )
-            self._working = True
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(
+                "This conversation is busy with a turn in another thread: it holds one KV cache, so "
+                "its turns go one at a time. Wait for that turn (or its stream) to finish, or give "
+                "each thread its own conversation (model.start_chat())."
+            )
         try:
             yield
         finally:
-            self._working = False
+            self._busy.release()
 
     # ---- the transcript -------------------------------------------------------
     def reset(self):

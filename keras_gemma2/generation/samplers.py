@@ -17,13 +17,11 @@ from keras import ops
 from keras_gemma2 import backend
 
 
-
 def lowest(dtype="float32"):
     """The most negative finite value of `dtype`: a removed token's logit, an impossible
     beam's score. Taken from the dtype it fills, so it never leaves that dtype's range
     (a literal such as -1e30 is -inf in float16), and finite, so no row becomes NaN."""
     return float(np.finfo(dtype).min)
-
 
 
 def is_integer(value):

@@ -1,5 +1,7 @@
 """start_chat(): a conversation keeps its KV cache, and each turn is what generate gives on its transcript."""
 
+import threading
+
 import keras
 import pytest
 
@@ -289,8 +291,6 @@ def test_tensorflow_programs_slice_only_at_constant_starts(model, monkeypatch):
 def test_a_turn_sent_while_another_threads_turn_runs_is_refused_and_the_transcript_stays_true(model, monkeypatch):
     """Two threads sending on one conversation both returned, and the transcript recorded
     two turns with one turn's ids (or no <end_of_turn> between them)."""
-    import threading
-
     inside, attempted, refused = threading.Event(), threading.Event(), []
     continuation = model.generator.continuation
 

@@ -7,7 +7,9 @@ below is backend-agnostic; the rest runs on every backend.
 """
 
 import ast
+import importlib
 import pathlib
+import pkgutil
 
 import numpy as np
 import pytest
@@ -123,9 +125,6 @@ def test_no_float_constant_in_the_library_leaves_float16s_range():
             if value and not FLOAT16_SMALLEST <= abs(value) <= FLOAT16_MAX:
                 outside.append(f"{path.relative_to(package)}:{line}: {value!r}")
     assert not outside, outside
-
-    import importlib
-    import pkgutil
 
     for info in pkgutil.walk_packages([str(package)], "keras_gemma2."):
         module = importlib.import_module(info.name)

@@ -4,10 +4,14 @@ import os
 import subprocess
 import sys
 
+import keras
 import pytest
 
+from helpers import tiny
 from keras_gemma2 import cli_startup
+from keras_gemma2.checkpoints import presets
 from keras_gemma2.io import atomic
+from keras_gemma2.training import trainer
 
 # Backend-agnostic: runs once, under conftest.AGNOSTIC_BACKEND (jax): staging folders and atomic writes
 # are file-system operations.
@@ -61,12 +65,6 @@ def _hooks_then_listing(parent, listed):
 def test_an_abrupt_exit_removes_the_staging_of_a_save_a_checkpoint_and_an_atomic_write(tmp_path, monkeypatch):
     """An interrupted or terminated command skips `finally` blocks: a preset's staging folder,
     a training checkpoint's `.step_N.partial` and an atomic write's temporary file were left."""
-    import keras
-
-    from helpers import tiny
-    from keras_gemma2.checkpoints import presets
-    from keras_gemma2.training import trainer
-
     listed = []
     monkeypatch.setattr(presets.safetensors_files, "write_sharded", _hooks_then_listing(tmp_path, listed))
     with pytest.raises(RuntimeError, match="stopped mid-save"):

@@ -198,8 +198,8 @@ def export_step(preset, path, quantization, cache_length, prefill):
     return {"export_s": time.time() - start, **memory, "file_mb": os.path.getsize(path) / 1e6, "path": path}
 
 
-def llama_convert_step(preset, out):
-    """GGUF q8_0 (the converter's own) and q4_0 (f16, then llama_model_quantize)."""
+def llama_convert_step(preset, out, keep_f16=False):
+    """GGUF q8_0 (the converter's own) and q4_0 (f16, then llama_model_quantize); f16 too if `keep_f16`."""
     converter = os.path.join(LLAMA_VENV, "llama.cpp", "convert_hf_to_gguf.py")
     environment = {**os.environ, "PYTHONPATH": os.path.join(LLAMA_VENV, "llama.cpp", "gguf-py")}
     files = {}
@@ -218,7 +218,8 @@ def llama_convert_step(preset, out):
                 "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))")
         subprocess.run([os.path.join(LLAMA_VENV, "bin", "python"), "-c", code, files["f16"], q4], check=True,
                        capture_output=True)
-    os.remove(files.pop("f16"))
+    if not keep_f16:
+        os.remove(files.pop("f16"))
     files["q4_0"] = q4
     return {name: {"path": path, "file_mb": os.path.getsize(path) / 1e6} for name, path in files.items()}
 

@@ -4,6 +4,7 @@ import io
 import os
 
 import keras
+import pytest
 
 from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM, Gemma2Config
 from keras_gemma2.io.atomic import atomic_write
@@ -171,3 +172,22 @@ def randomize_weights(model, seed=0, scale=0.2, post_norm_scale=5.0):
             values = rng.normal(0.0, scale, variable.shape)
         variable.assign(values.astype("float32"))
     return model
+
+
+def optimized_hlo(layer, x, **kwargs):
+    """XLA's optimized HLO text for `layer(x, **kwargs)`, its weights passed as arguments (not constants)."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        def call(trainable, non_trainable, x):
+            return layer.stateless_call(trainable, non_trainable, x, **kwargs)[0]
+
+        values = [[v.value for v in layer.trainable_variables], [v.value for v in layer.non_trainable_variables]]
+        return jax.jit(call).lower(*values, x).compile().as_text()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        function = tf.function(lambda x: layer(x, **kwargs), jit_compile=True)
+        return function.experimental_get_compiler_ir(x)(stage="optimized_hlo")
+    pytest.skip("XLA backends only")

@@ -119,33 +119,69 @@ def is_one_row(inputs):
 
 
 def rows_times_transposed(inputs, kernel):
-    """`inputs @ kernel^T`: [batch, seq, in] x [out, in] -> [batch, seq, out].
+    """`inputs @ kernel^T`: [batch, seq, in] x [out, in] -> [batch, seq, out], in `inputs`' dtype.
 
-    One row (batch 1 decode) under XLA is a 2-D [1, in] x [in, out] product: XLA:CPU then
-    runs its matrix-vector kernel, which reads a bfloat16 or int8 kernel (or an
-    int8 one cast to float in the same fusion) at memory speed, where every
-    batched form of the product ran 10-13x slower than float32 (the 148M
-    model's 32000 x 768 table, AVX512 machine: float32 3.1 ms, bfloat16 1.6,
-    int8 0.85 against ~40 ms; AVX2: 3.9 / 2.2 / 2.0 ms;
-    benchmarks/low_precision_products.py). For a few positions
-    (decoding a batch, verifying draft tokens) the kernel is the left operand
-    and the small [out, batch, seq] result is transposed: with the kernel on
-    the right, a whole batch-8 decode step ran ~1.5x slower under XLA:CPU
-    (JAX and TensorFlow; torch ~6%), a 148M model's 2- and 5-position passes
-    ~1.5x and ~1.3x slower, and XLA copied the transposed vocabulary table
-    every step. Longer chunks (prefill, export's prompt buckets of 32 and
-    more) keep the plain product. PyTorch's one row stays kernel first (its
-    [1, in] x [in, out] form ran 2x slower there). All of this on the CPU only:
-    on a GPU or TPU the product is the plain one (`_plan`).
+    The kernel may be stored narrower (bfloat16, int8 codes): it is cast to
+    the inputs' dtype where the product reads it. One row (batch 1 decode)
+    under XLA on the CPU is `one_row_product`. For a few positions (decoding a
+    batch, verifying draft tokens) the kernel is the left operand and the small
+    [out, batch, seq] result is transposed: with the kernel on the right, XLA:CPU
+    ran a whole batch-8 decode step ~1.5x slower and copied the transposed
+    vocabulary table every step. Longer chunks (prefill, export's prompt buckets
+    of 32 and more) keep the plain product. All of this on the CPU only: on a
+    GPU or TPU the product is the plain one (`_plan`); docs/performance.md has
+    the measurements.
     """
     shape = inputs.shape
     seq = shape[1] if len(shape) == 3 else None
     if is_one_row(inputs):
-        product = ops.matmul(ops.reshape(inputs, (1, shape[2])), ops.transpose(kernel))
-        return ops.reshape(product, (1, 1, kernel.shape[0]))
+        product = one_row_product(ops.reshape(inputs, (1, shape[2])), kernel)
+        return ops.reshape(ops.cast(product, inputs.dtype), (1, 1, kernel.shape[0]))
+    kernel = ops.cast(kernel, inputs.dtype)
     if seq is not None and seq <= _plan()["kernel_first_positions"]:
         return ops.transpose(ops.einsum("fd,btd->fbt", kernel, inputs), (1, 2, 0))
     return ops.einsum("btd,fd->btf", inputs, kernel)
+
+
+# XLA:CPU runs a one-row product as a loop over the kernel's rows, its cast to float32
+# done in place, only while the row (float32) is under 16 KiB, its dot-fusion threshold;
+# past it the whole kernel is first copied, transposed and cast, every call.
+FUSED_ROW_FEATURES = 16 * 1024 // 4 - 1
+
+
+def one_row_chunks(features):
+    """(start, width) of the column chunks one_row_product splits `features` into."""
+    count = -(-features // FUSED_ROW_FEATURES)
+    width = -(-features // count)
+    return [(start, min(width, features - start)) for start in range(0, features, width)]
+
+
+def one_row_product(row, kernel, chunk_scale=None):
+    """[1, in] float x [out, in] kernel (float32, bfloat16 or int8 codes) -> [1, out] float32.
+
+    The kernel is read once, at memory speed, in the form XLA:CPU keeps fused:
+    a float32 kernel by the plain matrix-vector product (kernel first, no copy);
+    a narrower one cast inside a product of at most FUSED_ROW_FEATURES columns,
+    a wider one in column chunks of that size. A chunk's product must not feed
+    an add (XLA would fuse the two and copy the kernel again): each is scaled by
+    `chunk_scale` ([1, out]; int8's dequantization, applied per chunk) or, without
+    one, the chunks are stacked and summed by a product with ones.
+    """
+    row = ops.cast(row, "float32")
+    features = kernel.shape[1]
+    if features <= FUSED_ROW_FEATURES:
+        product = ops.matmul(row, ops.transpose(ops.cast(kernel, "float32")))
+        return product if chunk_scale is None else product * chunk_scale
+    if keras.backend.standardize_dtype(kernel.dtype) == "float32" and chunk_scale is None:
+        return ops.transpose(ops.matmul(kernel, ops.transpose(row)))
+    parts = [
+        ops.matmul(row[:, start : start + width], ops.transpose(ops.cast(kernel[:, start : start + width], "float32")))
+        for start, width in one_row_chunks(features)
+    ]
+    if chunk_scale is not None:
+        return sum(part * chunk_scale for part in parts)
+    stacked = ops.stack([part[0] for part in parts], axis=-1)  # [out, chunks]
+    return ops.matmul(stacked, ops.ones((len(parts), 1), "float32"))[None, :, 0]
 
 
 def computed_once(row):
@@ -213,11 +249,14 @@ class Projection(keras.layers.EinsumDense):
         kernel = self._kernel
         if is_one_row(codes):
             # The same whole-number sums in float32 (exact while below 2**24: up to 1040
-            # input features at |code| <= 127, a relative 6e-8 beyond): XLA:CPU's
-            # matrix-vector kernel reads int8 codes cast to float32 at memory speed, where
-            # its int8 x int8 one-row product ran 1.8x slower than that on an AVX512-VNNI
-            # machine and 2.8x on an AVX2 one (benchmarks/low_precision_products.py).
-            codes, kernel = computed_once(ops.cast(codes, "float32")), ops.cast(kernel, "float32")
+            # input features at |code| <= 127, a relative 6e-8 beyond): XLA:CPU reads int8
+            # codes cast to float32 in the product at memory speed, where its int8 x int8
+            # one-row product ran several times slower (docs/performance.md).
+            codes = computed_once(ops.cast(codes, "float32"))
+            if kernel.shape[1] > FUSED_ROW_FEATURES:  # dequantized chunk by chunk (one_row_product)
+                scale = ops.reshape(ops.multiply(inputs_scale, self.kernel_scale), (1, -1))
+                x = one_row_product(ops.reshape(codes, (1, -1)), kernel, ops.divide(1.0, scale))
+                return ops.reshape(ops.cast(x, self.compute_dtype), (1, 1, -1))
         x = ops.cast(rows_times_transposed(codes, kernel), self.compute_dtype)
         return ops.divide(x, ops.multiply(inputs_scale, self.kernel_scale))
 
@@ -374,7 +413,7 @@ class TiedEmbedding(keras.layers.Layer):
         if reverse:
             dtype = wide_dtype(self.compute_dtype)
             if self.projection_codes is None:
-                logits = rows_times_transposed(ops.cast(inputs, dtype), ops.cast(self.embeddings, dtype))
+                logits = rows_times_transposed(ops.cast(inputs, dtype), self.embeddings)
             else:  # the codes as the product's right operand: the converter's FULLY_CONNECTED weights
                 logits = ops.einsum("btd,fd->btf", ops.cast(inputs, dtype), ops.cast(self.projection_codes, dtype))
             return soft_cap(logits, self.logit_soft_cap)
@@ -436,9 +475,8 @@ class TiedEmbedding(keras.layers.Layer):
     def _int8_call(self, inputs, reverse=False):
         if reverse:
             dtype = wide_dtype(self.compute_dtype)
-            # |code| <= 127 is exact in every float dtype, bfloat16 included.
-            kernel = ops.cast(self._codes(self.embeddings), dtype)
-            logits = rows_times_transposed(ops.cast(inputs, dtype), kernel)
+            # |code| <= 127 is exact in every float dtype, bfloat16 included; the product casts.
+            logits = rows_times_transposed(ops.cast(inputs, dtype), self._codes(self.embeddings))
             logits = ops.cast(logits, "float32") * self.embeddings_scale
             return soft_cap(logits, self.logit_soft_cap)
         ids = ops.cast(inputs, "int32")

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from helpers import logits_of, tiny
+from helpers import logits_of, optimized_hlo, tiny
 from keras_gemma2 import Gemma2CausalLM, Gemma2Config
 from keras_gemma2.model.layers import Projection, TiedEmbedding, soft_cap
 from keras_gemma2.model.quantization import quantization_modes
@@ -295,24 +295,6 @@ def test_int8_projection_gives_keras_own_int8_values(shape):
     keras_own = keras.ops.convert_to_numpy(keras.layers.EinsumDense._int8_call(layer, x))
     assert ours.shape == (*shape, 24)
     np.testing.assert_array_equal(ours, keras_own)
-
-
-def optimized_hlo(layer, x):
-    """XLA's optimized HLO text for `layer(x)`, its weights passed as arguments (not constants)."""
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        def call(trainable, non_trainable, x):
-            return layer.stateless_call(trainable, non_trainable, x)[0]
-
-        values = [[v.value for v in layer.trainable_variables], [v.value for v in layer.non_trainable_variables]]
-        return jax.jit(call).lower(*values, x).compile().as_text()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return tf.function(layer, jit_compile=True).experimental_get_compiler_ir(x)(stage="optimized_hlo")
-    pytest.skip("XLA backends only")
 
 
 @pytest.mark.parametrize("in_features", [16, 768])

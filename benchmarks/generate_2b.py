@@ -17,8 +17,9 @@ decode bound of each row is the machine's read bandwidth, measured in the same r
 float32 matvec over 2 GB, in a fresh process, once per round), over the bytes its weights
 hold (each weight read once per token, the tied table once).
 
-The checkpoint, GGUF files and state are kept in `--out` (default /tmp/generate_2b) and
-reused; the table goes to benchmarks/results/generate_2b.md.
+The checkpoint, GGUF files and every system's results (runs.json) are kept in `--out`
+(default /tmp/generate_2b) and reused: a later invocation (`--systems ...`) adds its runs,
+and the table (benchmarks/results/generate_2b.md) shows every system measured there.
 """
 
 import argparse
@@ -142,8 +143,16 @@ def main():
             with open(state_path, "w") as f:
                 json.dump(converted, f)
         gguf = json.load(open(state_path))
-    runs = {name: [] for name in systems}
-    bandwidth = []
+    # Results accumulate in --out/runs.json over invocations (a run cut short keeps what it measured).
+    runs_path = os.path.join(args.out, "runs.json")
+    saved = json.load(open(runs_path)) if os.path.exists(runs_path) else {"runs": {}, "bandwidth": []}
+    runs = {name: saved["runs"].get(name, []) for name in SYSTEMS if name in systems or saved["runs"].get(name)}
+    bandwidth = saved["bandwidth"]
+
+    def save():
+        with open(runs_path + ".tmp", "w") as f:
+            json.dump({"runs": runs, "bandwidth": bandwidth}, f)
+        os.replace(runs_path + ".tmp", runs_path)
     threads = os.cpu_count()
     for round_index in range(args.rounds):
         order = systems if round_index % 2 == 0 else systems[::-1]
@@ -157,9 +166,11 @@ def main():
                 result = {"load_s": result["load_s"], "peak_rss_mb": result["peak_rss_mb"], "batches": {"1": result}}
             runs[name].append(result)
             print(round_index, name, json.dumps(result), flush=True)
+            save()
         bandwidth.append(in_child({}, "bandwidth", 2 * 10**9)["read_gbs"])
         print(round_index, "bandwidth", bandwidth[-1], flush=True)
-    write_table(args, config, systems, runs, bandwidth, gguf)
+        save()
+    write_table(args, config, [name for name in SYSTEMS if runs.get(name)], runs, bandwidth, gguf)
 
 
 def write_table(args, config, systems, runs, bandwidth, gguf):
@@ -179,8 +190,8 @@ def write_table(args, config, systems, runs, bandwidth, gguf):
         f"Machine: {os.cpu_count()} CPU cores; {export_2b.cpu_flags()}",
         f"Model: gemma2_2b_en architecture, {config.parameter_count():,} parameters, random float32 weights "
         f"(one transformers-format preset for every system); prompt {args.prompt} tokens, {args.new} greedy "
-        f"tokens; best of 2 calls per process, medians of {args.rounds} interleaved rounds, each system in a "
-        f"fresh process; read bandwidth {read_gbs:.1f} GB/s (median of {', '.join(f'{b:.1f}' for b in bandwidth)}).",
+        f"tokens; best of 2 calls per process, medians over rounds (runs per system: "
+        f"{max(len(r) for r in runs.values())}), each system in a fresh process; read bandwidth {read_gbs:.1f} GB/s (median of {', '.join(f'{b:.1f}' for b in bandwidth)}).",
         "",
         "| system | weights GB | batch-1 decode tok/s | decode bound tok/s | decode / bound | vs llama.cpp "
         "| TTFT, batch 1 (s) | " + " | ".join(f"batch-{b} decode tok/s | TTFT, batch {b} (s)" for b in args.batches if b != 1)

@@ -8,6 +8,7 @@ import pytest
 
 from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM, Gemma2Config
 from keras_gemma2.io.atomic import atomic_write
+from keras_gemma2.model import layers
 
 # The tiny configs are registered presets (presets/gemma2_tiny_*.json): shaped
 # like the real models (GQA, windows shorter than test sequences), but run in
@@ -174,20 +175,32 @@ def randomize_weights(model, seed=0, scale=0.2, post_norm_scale=5.0):
     return model
 
 
-def optimized_hlo(layer, x, **kwargs):
-    """XLA's optimized HLO text for `layer(x, **kwargs)`, its weights passed as arguments (not constants)."""
+def optimized_hlo(layer, x, blocks=None, **kwargs):
+    """XLA's optimized HLO text for `layer(x, **kwargs)`, its weights passed as arguments (not constants).
+
+    `blocks`: the layer's `layers.column_blocks`, also an argument, read as a decode step reads them.
+    """
     backend = keras.backend.backend()
+
+    def reading(blocks):
+        return layers.reading_column_blocks({} if blocks is None else {layer.path: blocks})
+
     if backend == "jax":
         import jax
 
-        def call(trainable, non_trainable, x):
-            return layer.stateless_call(trainable, non_trainable, x, **kwargs)[0]
+        def call(trainable, non_trainable, x, blocks):
+            with reading(blocks):
+                return layer.stateless_call(trainable, non_trainable, x, **kwargs)[0]
 
         values = [[v.value for v in layer.trainable_variables], [v.value for v in layer.non_trainable_variables]]
-        return jax.jit(call).lower(*values, x).compile().as_text()
+        return jax.jit(call).lower(*values, x, blocks).compile().as_text()
     if backend == "tensorflow":
         import tensorflow as tf
 
-        function = tf.function(lambda x: layer(x, **kwargs), jit_compile=True)
-        return function.experimental_get_compiler_ir(x)(stage="optimized_hlo")
+        def call(x, blocks):
+            with reading(blocks):
+                return layer(x, **kwargs)
+
+        function = tf.function(call, jit_compile=True)
+        return function.experimental_get_compiler_ir(x, blocks)(stage="optimized_hlo")
     pytest.skip("XLA backends only")

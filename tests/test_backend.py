@@ -4,6 +4,9 @@ On a GPU or TPU (the probe patched to say so) generation keeps its loop on the
 device and products stay plain; on this CPU either choice gives the same tokens.
 """
 
+import os
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -62,3 +65,45 @@ def test_either_choice_gives_the_same_tokens_on_the_cpu(dtype, quantize, monkeyp
         outputs[platform] = (result.token_ids[0].tolist(), np.asarray(result.logprobs[0]))
     assert outputs["cpu"][0] == outputs["gpu"][0]
     np.testing.assert_allclose(outputs["cpu"][1], outputs["gpu"][1], atol=0.05)
+
+
+DECODE_PATHS = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "decode_paths.md")
+
+
+def measured_decode_paths():
+    """(section, batch, weights, {"loop": tok/s or None, "host": ...}) for each row of
+    benchmarks/results/decode_paths.md (None: that path failed, e.g. out of memory)."""
+    section, rows = None, []
+    with open(DECODE_PATHS) as f:
+        for line in f:
+            header = re.match(r"(jax|tensorflow), batch (\d+)", line)
+            if header:
+                section, batch = line.strip(), int(header.group(2))
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            if section and line.startswith("|") and cells[0] in ("float32", "bfloat16", "int8"):
+                speeds = {path: float(cell) if re.fullmatch(r"[\d.]+", cell) else None
+                          for path, cell in zip(("loop", "host"), cells[1:3])}
+                rows.append((section, batch, cells[0], speeds, cells[3]))
+    return rows
+
+
+@pytest.mark.backend_agnostic
+def test_the_decode_path_chosen_is_the_one_measured_fastest():
+    """backend.steps_from_host picks, for every precision and batch the benchmark measured
+    (the 148.5M model and the real 2B, JAX and TensorFlow), the path that ran faster there:
+    ties within 10% may go either way; a path that failed (out of memory) is never the faster."""
+    rows = measured_decode_paths()
+    assert len(rows) >= 12 and any("2b" in section.lower() for section, *_ in rows)
+    models = {"float32": tiny(), "bfloat16": tiny(dtype="bfloat16"), "int8": tiny()}
+    models["int8"].quantize("int8")
+    for section, batch, weights, speeds, recorded in rows:
+        picks = "host" if backend.steps_from_host(models[weights], batch) else "loop"
+        assert recorded == picks, f"{section}, {weights}: the table was made with another rule"
+        loop, host = speeds["loop"], speeds["host"]
+        if loop is None or host is None:
+            faster = "host" if loop is None else "loop"
+        elif max(loop, host) > 1.1 * min(loop, host):
+            faster = "host" if host > loop else "loop"
+        else:
+            continue
+        assert picks == faster, f"{section}, {weights}: picks {picks}, measured {speeds}"

@@ -16,7 +16,7 @@ from keras import ops
 from keras_gemma2 import backend
 from keras_gemma2.generation import samplers, speculative
 from keras_gemma2.generation.steps import decode_step, prefill
-from keras_gemma2.model import kv_cache
+from keras_gemma2.model import kv_cache, layers
 
 MIN_BUCKET = 16
 MIN_STOP_SLOTS = 8  # stop ids are padded with -1 (never a token) to at least 8 slots
@@ -106,12 +106,14 @@ class Generator:
         # The most new tokens a call of this program may ask for: its prompts hold >= 1 token
         # and all of them stay in the cache (cache_length_for).
         capacity = cache_length - 1
+        blocks = self.host_steps_read_blocks(batch_size)
 
         def start(prompt, padding, stop, settings, seed):
             """Prefill and the first token: all time-to-first-token costs, nothing more."""
             self.count_trace()
             logits, caches = prefill(backbone, layout, prompt, padding)
-            return first_token(logits, caches, padding, bucket, capacity, stop, settings, seed)
+            state = first_token(logits, caches, padding, bucket, capacity, stop, settings, seed)
+            return {**state, "column_blocks": layers.decode_column_blocks(backbone)} if blocks else state
 
         return self._compile(start), self.decode_loop(layout, sampler_kind, batch_size)
 
@@ -139,10 +141,16 @@ class Generator:
         )
         return extend, decode
 
+    def host_steps_read_blocks(self, batch_size):
+        """Whether host-driven decode steps read `layers.decode_column_blocks`, made by the
+        program that starts the decode (XLA:CPU only: the steps' one-row products)."""
+        return backend.compiles() and backend.steps_from_host(self.model, batch_size)
+
     def _build_extend(self, layout, sampler_kind):
         backbone = self.model.backbone
         first_token, _ = self.sampling_loop(layout, sampler_kind)
         capacity = layout.slots[0]
+        blocks = self.host_steps_read_blocks(1)
 
         def extend(caches, chunk, length, index, stop, settings, seed):
             """A right-padded chunk into the caches, then the first reply token (turn k's TTFT)."""
@@ -151,9 +159,10 @@ class Generator:
             hidden, caches = backbone.forward_pass(chunk, positions, caches, index, layout)
             last = backend.dynamic_slice(hidden, [0, length - 1, 0], (hidden.shape[0], 1, hidden.shape[2]))
             padding = ops.zeros((chunk.shape[0],), "int32")
-            return first_token(
+            state = first_token(
                 backbone.logits(last)[:, 0], caches, padding, index + length, capacity, stop, settings, seed
             )
+            return {**state, "column_blocks": layers.decode_column_blocks(backbone)} if blocks else state
 
         return self._compile(extend, donate_first=True)
 
@@ -199,14 +208,16 @@ class Generator:
             }
 
         def step(state, seed):
-            logits, caches = decode_step(
-                backbone, layout, state["token"], state["padding"], state["caches"],
-                state["base"] + state["step"] - 1,
-            )
+            with layers.reading_column_blocks(state.get("column_blocks", {})):
+                logits, caches = decode_step(
+                    backbone, layout, state["token"], state["padding"], state["caches"],
+                    state["base"] + state["step"] - 1,
+                )
             token, tokens, logprobs, done = choose(
                 logits, state["step"], seed, state["tokens"], state["logprobs"], state["done"],
                 state["stop"], state["settings"],
             )
+            state = {name: value for name, value in state.items() if name != "column_blocks"}
             return {**state, "step": state["step"] + 1, "token": token, "caches": caches,
                     "tokens": tokens, "logprobs": logprobs, "done": done}
 
@@ -222,9 +233,9 @@ class Generator:
         """
         _, step = self.sampling_loop(layout, sampler_kind)
         if backend.steps_from_host(self.model, batch_size):
-            def traced_step(state, seed):
+            def traced_step(state, seed, blocks):
                 self.count_trace()
-                return step(state, seed)
+                return step({**state, "column_blocks": blocks}, seed)
 
             compiled = self._compile(
                 traced_step, donate_first=True, torch_compile=backend.torch_compiles(self.model)
@@ -233,10 +244,13 @@ class Generator:
             def run_from_host(state, seed, stop_at):
                 stop_at = int(ops.convert_to_numpy(stop_at))
                 at = int(ops.convert_to_numpy(state["step"]))
+                # Read by every step, never donated with the state (nor copied into the next one).
+                state = dict(state)
+                blocks = state.pop("column_blocks", {})
                 while at < stop_at and not np.asarray(ops.convert_to_numpy(state["done"])).all():
-                    state = compiled(state, seed)
+                    state = compiled(state, seed, blocks)
                     at += 1
-                return state
+                return {**state, "column_blocks": blocks} if blocks else state
 
             if hasattr(compiled, "traces"):
                 run_from_host.traces = compiled.traces

@@ -118,7 +118,7 @@ def is_one_row(inputs):
             and backend.compiles())
 
 
-def rows_times_transposed(inputs, kernel):
+def rows_times_transposed(inputs, kernel, blocks=None):
     """`inputs @ kernel^T`: [batch, seq, in] x [out, in] -> [batch, seq, out], in `inputs`' dtype.
 
     The kernel may be stored narrower (bfloat16, int8 codes): it is cast to
@@ -130,12 +130,12 @@ def rows_times_transposed(inputs, kernel):
     vocabulary table every step. Longer chunks (prefill, export's prompt buckets
     of 32 and more) keep the plain product. All of this on the CPU only: on a
     GPU or TPU the product is the plain one (`_plan`); docs/performance.md has
-    the measurements.
+    the measurements. `blocks`: the kernel's `column_blocks`, which one row reads instead.
     """
     shape = inputs.shape
     seq = shape[1] if len(shape) == 3 else None
     if is_one_row(inputs):
-        product = one_row_product(ops.reshape(inputs, (1, shape[2])), kernel)
+        product = one_row_product(ops.reshape(inputs, (1, shape[2])), kernel, blocks=blocks)
         return ops.reshape(ops.cast(product, inputs.dtype), (1, 1, kernel.shape[0]))
     kernel = ops.cast(kernel, inputs.dtype)
     if seq is not None and seq <= _plan()["kernel_first_positions"]:
@@ -150,22 +150,27 @@ FUSED_ROW_FEATURES = 16 * 1024 // 4 - 1
 
 
 def one_row_chunks(features):
-    """(start, width) of the column chunks one_row_product splits `features` into."""
-    count = -(-features // FUSED_ROW_FEATURES)
+    """(start, width) of the column chunks one_row_product splits `features` into: the fewest
+    that fit FUSED_ROW_FEATURES, of one width where a count up to twice that divides `features`."""
+    fewest = -(-features // FUSED_ROW_FEATURES)
+    count = next((c for c in range(fewest, 2 * fewest + 1) if features % c == 0), fewest)
     width = -(-features // count)
     return [(start, min(width, features - start)) for start in range(0, features, width)]
 
 
-def one_row_product(row, kernel, chunk_scale=None):
+def one_row_product(row, kernel, chunk_scale=None, blocks=None):
     """[1, in] float x [out, in] kernel (float32, bfloat16 or int8 codes) -> [1, out] float32.
 
     The kernel is read once, at memory speed, in the form XLA:CPU keeps fused:
     a float32 kernel by the plain matrix-vector product (kernel first, no copy);
     a narrower one cast inside a product of at most FUSED_ROW_FEATURES columns,
-    a wider one in column chunks of that size. A chunk's product must not feed
-    an add (XLA would fuse the two and copy the kernel again): each is scaled by
-    `chunk_scale` ([1, out]; int8's dequantization, applied per chunk) or, without
-    one, the chunks are stacked and summed by a product with ones.
+    a wider one in column chunks of that size, read from `blocks` (its
+    `column_blocks`, each chunk contiguous) when given: a chunk sliced from the
+    [out, in] kernel is strided, which XLA:CPU reads 2-4x slower. A chunk's
+    product must not feed an add (XLA would fuse the two and copy the kernel
+    again): each is scaled by `chunk_scale` ([1, out]; int8's dequantization,
+    applied per chunk) or, without one, the chunks are stacked and summed by a
+    product with ones.
     """
     row = ops.cast(row, "float32")
     features = kernel.shape[1]
@@ -174,14 +179,60 @@ def one_row_product(row, kernel, chunk_scale=None):
         return product if chunk_scale is None else product * chunk_scale
     if keras.backend.standardize_dtype(kernel.dtype) == "float32" and chunk_scale is None:
         return ops.transpose(ops.matmul(kernel, ops.transpose(row)))
+    chunks = one_row_chunks(features)
+    if blocks is not None:
+        chunk = [blocks[index] for index in range(len(chunks))]
+    else:
+        chunk = [kernel[:, start : start + width] for start, width in chunks]
     parts = [
-        ops.matmul(row[:, start : start + width], ops.transpose(ops.cast(kernel[:, start : start + width], "float32")))
-        for start, width in one_row_chunks(features)
+        ops.matmul(row[:, start : start + width], ops.transpose(ops.cast(chunk[index], "float32")))
+        for index, (start, width) in enumerate(chunks)
     ]
     if chunk_scale is not None:
         return sum(part * chunk_scale for part in parts)
     stacked = ops.stack([part[0] for part in parts], axis=-1)  # [out, chunks]
     return ops.matmul(stacked, ops.ones((len(parts), 1), "float32"))[None, :, 0]
+
+
+def has_column_blocks(kernel):
+    """Whether `column_blocks` applies: a one-row product reads `kernel` in several column
+    chunks (narrower than float32, wider than FUSED_ROW_FEATURES), all of one width."""
+    chunks = one_row_chunks(kernel.shape[1])
+    return (keras.backend.standardize_dtype(kernel.dtype) != "float32" and len(chunks) > 1
+            and len({width for _, width in chunks}) == 1)
+
+
+def column_blocks(kernel):
+    """[out, in] -> [chunks, out, width]: one_row_chunks' column chunks, each contiguous.
+
+    (Stacked slices: XLA:CPU copies them ~3x faster than it transposes the reshaped kernel.)
+    """
+    return ops.stack([kernel[:, start : start + width] for start, width in one_row_chunks(kernel.shape[1])])
+
+
+_decode_blocks = []  # reading_column_blocks' mappings, innermost last
+
+
+@contextlib.contextmanager
+def reading_column_blocks(blocks):
+    """Inside, a one-row product of the Projection at path p reads `blocks[p]` (its
+    kernel's `column_blocks`, made by `decode_column_blocks`) instead of strided chunks."""
+    _decode_blocks.append(blocks)
+    try:
+        yield
+    finally:
+        _decode_blocks.pop()
+
+
+def decode_column_blocks(root):
+    """{path: column_blocks} for the Projections under `root` whose one-row product reads
+    column chunks: made once per generation (a copy of those kernels, e.g. the 2B's down
+    projections), read by every host-driven decode step (`reading_column_blocks`)."""
+    return {
+        layer.path: column_blocks(layer.stored_kernel)
+        for layer in root._flatten_layers(include_self=False)
+        if isinstance(layer, Projection) and layer.reads_column_blocks()
+    }
 
 
 def computed_once(row):
@@ -233,10 +284,23 @@ class Projection(keras.layers.EinsumDense):
         finally:
             self.kernel_initializer = chosen
 
+    @property
+    def stored_kernel(self):
+        """The kernel as stored: float, or int8 codes ([out, in] either way)."""
+        return self._kernel
+
+    def reads_column_blocks(self):
+        """Whether a decode step's one-row product may read `column_blocks` of the stored kernel."""
+        return (self.quantization_mode in (None, "int8") and not self.lora_enabled
+                and has_column_blocks(self._kernel))
+
+    def _blocks(self):
+        return _decode_blocks[-1].get(self.path) if _decode_blocks else None
+
     def call(self, inputs, training=None):
         if self.quantization_mode is not None:
             return super().call(inputs, training=training)
-        return rows_times_transposed(inputs, self.kernel)
+        return rows_times_transposed(inputs, self.kernel, None if self.lora_enabled else self._blocks())
 
     def _int8_call(self, inputs, training=None):
         """Keras' int8 product (inputs quantized per row, int32 sums, the same values),
@@ -255,7 +319,7 @@ class Projection(keras.layers.EinsumDense):
             codes = computed_once(ops.cast(codes, "float32"))
             if kernel.shape[1] > FUSED_ROW_FEATURES:  # dequantized chunk by chunk (one_row_product)
                 scale = ops.reshape(ops.multiply(inputs_scale, self.kernel_scale), (1, -1))
-                x = one_row_product(ops.reshape(codes, (1, -1)), kernel, ops.divide(1.0, scale))
+                x = one_row_product(ops.reshape(codes, (1, -1)), kernel, ops.divide(1.0, scale), self._blocks())
                 return ops.reshape(ops.cast(x, self.compute_dtype), (1, 1, -1))
         x = ops.cast(rows_times_transposed(codes, kernel), self.compute_dtype)
         return ops.divide(x, ops.multiply(inputs_scale, self.kernel_scale))

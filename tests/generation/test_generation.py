@@ -7,6 +7,8 @@ import pytest
 from helpers import TINY, backend_traces, randomize_weights, tiny
 from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM, Gemma2Config
 from keras_gemma2 import backend
+from keras_gemma2.generation.generator import Generator
+from keras_gemma2.model import layers
 from keras_gemma2.model.kv_cache import CacheLayout
 from keras_gemma2.generation.samplers import BeamSearch, Sampler
 
@@ -351,6 +353,32 @@ def test_bad_generation_requests(model, inputs, kwargs, message):
     with pytest.raises(ValueError, match=message):
         model.generate(inputs, **kwargs)
     assert (model.generator.compilations, model.generator._functions) == before  # refused before compiling
+
+
+@pytest.mark.parametrize("dtype, quantize", [("bfloat16", None), ("float32", "int8")])
+def test_host_steps_read_the_wide_kernels_column_blocks(dtype, quantize, monkeypatch):
+    """A down projection past XLA:CPU's fused-row size (here 6000 inputs, the 2B's 9216) is read
+    by host-driven decode steps from contiguous column blocks the decode's start makes once
+    (layers.decode_column_blocks): the same tokens as the compiled loop and as strided chunks."""
+    if not backend.compiles():
+        pytest.skip("PyTorch takes no one-row path")
+    model = tiny(TINY.replace(intermediate_dim=6000), dtype=dtype)
+    if quantize:
+        model.quantize(quantize)
+    assert backend.steps_from_host(model, 1)
+    made = []
+    decode_column_blocks = layers.decode_column_blocks
+    monkeypatch.setattr(layers, "decode_column_blocks", lambda root: made.append(decode_column_blocks(root)) or made[-1])
+    prompt, runs = [5, 9, 44, 81, 2, 60, 71, 8, 33], {}
+    for path in ("blocks", "strided", "loop"):
+        monkeypatch.setattr(Generator, "host_steps_read_blocks", lambda self, batch, path=path: path == "blocks")
+        monkeypatch.setattr(backend, "steps_from_host", lambda model, batch, path=path: path != "loop")
+        model._generator = None
+        runs[path] = model.generate([prompt], max_new_tokens=3 * WINDOW, stop_token_ids=())[0].tolist()
+    assert runs["blocks"] == runs["strided"] == runs["loop"] and len(set(runs["blocks"])) > 3
+    downs = [f"{block.path}/feedforward/down" for block in model.backbone.decoder_blocks]
+    assert made and sorted(made[0]) == sorted(downs)  # made once, and only for the wide kernels
+    assert all(tuple(blocks.shape) == (2, TINY.hidden_dim, 3000) for blocks in made[0].values())
 
 
 def test_empty_text_prompt(text_model):

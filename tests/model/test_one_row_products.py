@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from helpers import optimized_hlo
-from keras_gemma2.model.layers import FUSED_ROW_FEATURES, Projection, TiedEmbedding, one_row_chunks, one_row_product
+from keras_gemma2.model.layers import (
+    FUSED_ROW_FEATURES, Projection, TiedEmbedding, column_blocks, has_column_blocks, one_row_chunks, one_row_product,
+)
 
 WIDE = FUSED_ROW_FEATURES + 905  # past the fused size: two chunks of 2500
 
@@ -43,6 +45,12 @@ def test_one_row_product_is_the_plain_product(features, dtype):
     scaled = one_row_product(keras.ops.convert_to_tensor(row), kernel, keras.ops.convert_to_tensor(scale))
     np.testing.assert_allclose(keras.ops.convert_to_numpy(scaled), expected * scale, rtol=1e-5,
                                atol=1e-5 * np.abs(expected * scale).max())
+    if has_column_blocks(kernel):  # the contiguous blocks a decode step reads: the same sums
+        assert features == WIDE and dtype != "float32"
+        for chunk_scale in (None, keras.ops.convert_to_tensor(scale)):
+            blocked = one_row_product(keras.ops.convert_to_tensor(row), kernel, chunk_scale, column_blocks(kernel))
+            plain = one_row_product(keras.ops.convert_to_tensor(row), kernel, chunk_scale)
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(blocked), keras.ops.convert_to_numpy(plain))
 
 
 def largest_entry_buffer(text):
@@ -64,6 +72,17 @@ def kernel_copies(layer, x, kernel_elements, **kwargs):
     return largest_entry_buffer(text) >= kernel_elements, text
 
 
+def test_column_blocks_are_the_chunks_made_contiguous():
+    kernel = np.arange(3 * 9216).reshape(3, 9216)
+    blocks = keras.ops.convert_to_numpy(column_blocks(keras.ops.convert_to_tensor(kernel)))
+    assert blocks.shape == (3, 3, 3072) and blocks.flags.c_contiguous
+    for index, (start, width) in enumerate(one_row_chunks(9216)):
+        np.testing.assert_array_equal(blocks[index], kernel[:, start : start + width])
+    assert not has_column_blocks(keras.ops.ones((3, 9216), "float32"))  # read whole, kernel first
+    assert not has_column_blocks(keras.ops.ones((3, 2304), "bfloat16"))  # one chunk
+    assert has_column_blocks(keras.ops.ones((3, 9216), "bfloat16"))
+
+
 @pytest.mark.parametrize("features", [2304, 9216])
 @pytest.mark.parametrize("mode", ["float32", "bfloat16", "int8"])
 def test_one_row_projection_reads_its_kernel_in_place(features, mode):
@@ -74,6 +93,11 @@ def test_one_row_projection_reads_its_kernel_in_place(features, mode):
     x = np.random.default_rng(0).normal(size=(1, 1, features)).astype(layer.compute_dtype)
     copied, text = kernel_copies(layer, x, 16 * features)
     assert not copied, text
+    if layer.reads_column_blocks():  # a decode step's form: the blocks read in place too
+        assert features == 9216 and mode != "float32"
+        blocks = column_blocks(layer.stored_kernel)
+        copied, text = kernel_copies(layer, x, 16 * features, blocks=blocks)
+        assert not copied and "3,16,3072" in text, text
 
 
 @pytest.mark.parametrize("mode", ["float32", "int8"])

@@ -81,7 +81,11 @@ def ours_worker(preset, backend, precision, prompt, new, batches):
             model.generate(rows, max_new_tokens=count, stop_token_ids=())
             return time.perf_counter() - begin
 
-        warm = timed(1) + timed(new)  # compiles prefill and the decode loop
+        try:
+            warm = timed(1) + timed(new)  # compiles prefill and the decode loop
+        except Exception as error:  # e.g. out of memory: the table says so, the other batches still run
+            result["batches"][str(batch)] = {"error": type(error).__name__}
+            continue
         first = min(timed(1) for _ in range(2))
         whole = min(timed(new) for _ in range(2))
         result["batches"][str(batch)] = {
@@ -177,8 +181,13 @@ def write_table(args, config, systems, runs, bandwidth, gguf):
     read_gbs = statistics.median(bandwidth)
 
     def median(name, batch, field):
-        values = [run["batches"][str(batch)][field] for run in runs[name] if str(batch) in run["batches"]]
+        values = [run["batches"][str(batch)].get(field) for run in runs[name] if str(batch) in run["batches"]]
+        values = [value for value in values if value is not None]
         return statistics.median(values) if values else None
+
+    def failed(name, batch):
+        errors = {run["batches"].get(str(batch), {}).get("error") for run in runs[name]} - {None}
+        return ", ".join(sorted(errors))
 
     def bytes_of(name):
         runtime, _, precision = SYSTEMS[name]
@@ -212,7 +221,7 @@ def write_table(args, config, systems, runs, bandwidth, gguf):
             if batch == 1:
                 continue
             rate, ttft = median(name, batch, "decode_tok_s"), median(name, batch, "ttft_s")
-            cells += ["" if rate is None else f"{rate:.2f}", "" if ttft is None else f"{ttft:.2f}"]
+            cells += [failed(name, batch) if rate is None else f"{rate:.2f}", "" if ttft is None else f"{ttft:.2f}"]
         cells += [f"{statistics.median(r['load_s'] for r in runs[name]):.0f}",
                   f"{statistics.median(r['peak_rss_mb'] for r in runs[name]):,.0f}"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -208,16 +208,14 @@ class Generator:
             }
 
         def step(state, seed):
-            with layers.reading_column_blocks(state.get("column_blocks", {})):
-                logits, caches = decode_step(
-                    backbone, layout, state["token"], state["padding"], state["caches"],
-                    state["base"] + state["step"] - 1,
-                )
+            logits, caches = decode_step(
+                backbone, layout, state["token"], state["padding"], state["caches"],
+                state["base"] + state["step"] - 1,
+            )
             token, tokens, logprobs, done = choose(
                 logits, state["step"], seed, state["tokens"], state["logprobs"], state["done"],
                 state["stop"], state["settings"],
             )
-            state = {name: value for name, value in state.items() if name != "column_blocks"}
             return {**state, "step": state["step"] + 1, "token": token, "caches": caches,
                     "tokens": tokens, "logprobs": logprobs, "done": done}
 
@@ -235,7 +233,8 @@ class Generator:
         if backend.steps_from_host(self.model, batch_size):
             def traced_step(state, seed, blocks):
                 self.count_trace()
-                return step({**state, "column_blocks": blocks}, seed)
+                with layers.reading_column_blocks(blocks):
+                    return step(state, seed)
 
             compiled = self._compile(
                 traced_step, donate_first=True, torch_compile=backend.torch_compiles(self.model)

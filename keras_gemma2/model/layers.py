@@ -180,12 +180,10 @@ def one_row_product(row, kernel, chunk_scale=None, blocks=None):
     if keras.backend.standardize_dtype(kernel.dtype) == "float32" and chunk_scale is None:
         return ops.transpose(ops.matmul(kernel, ops.transpose(row)))
     chunks = one_row_chunks(features)
-    if blocks is not None:
-        chunk = [blocks[index] for index in range(len(chunks))]
-    else:
-        chunk = [kernel[:, start : start + width] for start, width in chunks]
+    if blocks is None:
+        blocks = [kernel[:, start : start + width] for start, width in chunks]
     parts = [
-        ops.matmul(row[:, start : start + width], ops.transpose(ops.cast(chunk[index], "float32")))
+        ops.matmul(row[:, start : start + width], ops.transpose(ops.cast(blocks[index], "float32")))
         for index, (start, width) in enumerate(chunks)
     ]
     if chunk_scale is not None:
@@ -292,7 +290,7 @@ class Projection(keras.layers.EinsumDense):
     def reads_column_blocks(self):
         """Whether a decode step's one-row product may read `column_blocks` of the stored kernel."""
         return (self.quantization_mode in (None, "int8") and not self.lora_enabled
-                and has_column_blocks(self._kernel))
+                and has_column_blocks(self.stored_kernel))
 
     def _blocks(self):
         return _decode_blocks[-1].get(self.path) if _decode_blocks else None

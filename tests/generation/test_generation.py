@@ -369,13 +369,23 @@ def test_host_steps_read_the_wide_kernels_column_blocks(dtype, quantize, monkeyp
     made = []
     decode_column_blocks = layers.decode_column_blocks
     monkeypatch.setattr(layers, "decode_column_blocks", lambda root: made.append(decode_column_blocks(root)) or made[-1])
+    read = {}  # path -> the layers that traced a product over blocks
+    blocks_of = layers.Projection._blocks
     prompt, runs = [5, 9, 44, 81, 2, 60, 71, 8, 33], {}
     for path in ("blocks", "strided", "loop"):
+        def recorded_blocks(layer, path=path):
+            blocks = blocks_of(layer)
+            if blocks is not None:
+                read.setdefault(path, set()).add(layer.path)
+            return blocks
+
         monkeypatch.setattr(Generator, "host_steps_read_blocks", lambda self, batch, path=path: path == "blocks")
         monkeypatch.setattr(backend, "steps_from_host", lambda model, batch, path=path: path != "loop")
+        monkeypatch.setattr(layers.Projection, "_blocks", recorded_blocks)
         model._generator = None
         runs[path] = model.generate([prompt], max_new_tokens=3 * WINDOW, stop_token_ids=())[0].tolist()
     assert runs["blocks"] == runs["strided"] == runs["loop"] and len(set(runs["blocks"])) > 3
+    assert list(read) == ["blocks"] and len(read["blocks"]) == TINY.num_layers  # the steps read them
     downs = [f"{block.path}/feedforward/down" for block in model.backbone.decoder_blocks]
     assert made and sorted(made[0]) == sorted(downs)  # made once, and only for the wide kernels
     assert all(tuple(blocks.shape) == (2, TINY.hidden_dim, 3000) for blocks in made[0].values())

@@ -117,18 +117,21 @@ class MemorySampler(threading.Thread):
 class RandomWeight:
     """A weight drawn when it is written (save_preset reads `.value` once): one in memory at a time."""
 
-    def __init__(self, shape, scale, seed):
-        self.shape, self.dtype, self.scale, self.seed = tuple(shape), "float32", scale, seed
+    def __init__(self, shape, scale, seed, dtype="float32"):
+        self.shape, self.dtype, self.scale, self.seed = tuple(shape), dtype, scale, seed
 
     @property
     def value(self):
+        import ml_dtypes
         import numpy as np
 
         rng = np.random.default_rng(self.seed)
-        return (rng.standard_normal(self.shape, dtype=np.float32) * np.float32(self.scale)).astype(np.float32)
+        value = rng.standard_normal(self.shape, dtype=np.float32) * np.float32(self.scale)
+        return value.astype(ml_dtypes.bfloat16 if self.dtype == "bfloat16" else np.float32)
 
 
-def checkpoint_step(directory, layers):
+def checkpoint_step(directory, layers, name="gemma2_2b_en", dtype="float32"):
+    """`name`'s architecture with `layers` layers, random `dtype` weights, as a transformers-format preset."""
     import keras
 
     import keras_gemma2
@@ -137,20 +140,20 @@ def checkpoint_step(directory, layers):
     sys.path.insert(0, HERE)
     from litert import DEMO_PRESET, pad_tokenizer
 
-    config = presets.read_preset("gemma2_2b_en", keras_gemma2.Gemma2Config, load_weights=False)[0]
+    config = presets.read_preset(name, keras_gemma2.Gemma2Config, load_weights=False)[0]
     if layers != config.num_layers:
         config = config.replace(num_layers=layers)
     shapes = _variable_shapes(config)
     variables = {}
     for seed, (path, _) in enumerate(transformers_format.tensor_names(config)):
         scale = 0.1 if path.endswith("/scale") else 0.02
-        variables[path] = RandomWeight(shapes[path], scale, seed)
+        variables[path] = RandomWeight(shapes[path], scale, seed, dtype)
     scratch = tempfile.mkdtemp(prefix="tokenizer_", dir=os.path.dirname(directory))
     tokenizer_path = os.path.join(scratch, "tokenizer.model")
     with open(tokenizer_path, "wb") as f:
         f.write(pad_tokenizer(os.path.join(DEMO_PRESET, "tokenizer.model"), config.vocabulary_size))
     start = time.time()
-    presets.save_preset(directory, config, variables, keras.dtype_policies.DTypePolicy("float32"),
+    presets.save_preset(directory, config, variables, keras.dtype_policies.DTypePolicy(dtype),
                         keras_gemma2.Gemma2Tokenizer(tokenizer_path))
     shutil.rmtree(scratch)
     return {"parameters": config.parameter_count(), "layers": layers, "write_s": time.time() - start}
@@ -198,20 +201,25 @@ def export_step(preset, path, quantization, cache_length, prefill):
     return {"export_s": time.time() - start, **memory, "file_mb": os.path.getsize(path) / 1e6, "path": path}
 
 
-def llama_convert_step(preset, out, keep_f16=False):
-    """GGUF q8_0 (the converter's own) and q4_0 (f16, then llama_model_quantize); f16 too if `keep_f16`."""
+def llama_convert_step(preset, out, keep_f16=False, q8_only=False, name="gemma2_2b"):
+    """GGUF q8_0 (the converter's own) and q4_0 (f16, then llama_model_quantize); f16 too if `keep_f16`.
+
+    `q8_only`: q8_0 alone (the 9B's f16 file would not fit beside its preset on this disk).
+    """
     converter = os.path.join(LLAMA_VENV, "llama.cpp", "convert_hf_to_gguf.py")
     environment = {**os.environ, "PYTHONPATH": os.path.join(LLAMA_VENV, "llama.cpp", "gguf-py")}
     files = {}
-    for outtype in ("q8_0", "f16"):
-        path = os.path.join(out, f"gemma2_2b_{outtype}.gguf")
+    for outtype in ("q8_0",) if q8_only else ("q8_0", "f16"):
+        path = os.path.join(out, f"{name}_{outtype}.gguf")
         if not os.path.exists(path):
             start = time.time()
             subprocess.run([sys.executable, converter, preset, "--outtype", outtype, "--outfile", path],
                            env=environment, check=True, capture_output=True)
             print(f"converted {outtype} in {time.time() - start:.0f} s", flush=True)
         files[outtype] = path
-    q4 = os.path.join(out, "gemma2_2b_q4_0.gguf")
+    if q8_only:
+        return {kind: {"path": path, "file_mb": os.path.getsize(path) / 1e6} for kind, path in files.items()}
+    q4 = os.path.join(out, f"{name}_q4_0.gguf")
     if not os.path.exists(q4):
         code = ("import llama_cpp, sys; p = llama_cpp.llama_model_quantize_default_params(); "
                 "p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0; p.nthread = 2; "

@@ -161,9 +161,10 @@ def steps_from_host(model, batch_size):
     vocabulary table: 1.9x / 3.1x faster than float32 in bfloat16 / as int8 codes
     cast in the product on an AVX512 machine, 1.8x / 2x on an AVX2 one), but
     several times slower inside a while loop (benchmarks/decode_paths.py). A batch
-    keeps the compiled loop: XLA hoists its weights' conversion to float32 out
-    of the loop, where a step from the host would convert them every token
-    (bfloat16 at batch 8: ~5x slower). A float32 model keeps the loop too. On a
+    keeps the compiled loop: XLA hoists the conversion of int8 codes to float32
+    out of the loop, where a step from the host would convert them every token
+    (bfloat16's products read it unconverted on JAX, and its two paths measure
+    the same at batch 8). A float32 model keeps the loop too. On a
     GPU or TPU (`on_cpu` false) the loop stays on the device: a per-token sync
     with the host is what a device loop avoids.
     """
@@ -186,6 +187,27 @@ def torch_compiles(model):
 def compiles():
     """Whether compile_function really compiles (jax, tensorflow) or runs eagerly (torch)."""
     return keras.backend.backend() in ("jax", "tensorflow")
+
+
+def float32_result_products():
+    """Whether bfloat16 products ask for a float32 result (`float32_result_product`): JAX on the CPU.
+
+    TensorFlow's op for it (BatchMatMulV3 with Tout float32) has no CPU kernel
+    outside XLA and returns float32 gradients; its bfloat16 products are kept.
+    """
+    return keras.backend.backend() == "jax" and on_cpu()
+
+
+def float32_result_product(a, b):
+    """a [..., k] . b [..., k] -> [*a's leading, *b's leading] in float32, JAX only.
+
+    XLA:CPU multiplies bfloat16 matrices 5-10x faster when asked for a float32
+    result than for a bfloat16 one, which Keras' `matmul` / `einsum` ask for
+    (docs/performance.md).
+    """
+    import jax
+
+    return jax.lax.dot_general(a, b, (((a.ndim - 1,), (b.ndim - 1,)), ((), ())), preferred_element_type="float32")
 
 
 def stateless_categorical(logits, seed):

@@ -37,8 +37,9 @@ def test_cpu_workarounds_are_decided_by_the_platform(platform):
     one_row = keras.ops.ones((1, 1, 8))
     assert layers.is_one_row(one_row) == (on_cpu and backend.compiles())
     assert layers._plan()["kernel_first_positions"] == (layers.KERNEL_FIRST_POSITIONS if on_cpu else 0)
+    assert backend.float32_result_products() == (on_cpu and keras.backend.backend() == "jax")
     with layers.product_plan(kernel_first_positions=1, one_row=False):  # an export's plan holds anywhere
-        assert layers._plan() == {"kernel_first_positions": 1, "one_row": False}
+        assert layers._plan() == {"kernel_first_positions": 1, "one_row": False, "float32_result": False}
 
 
 def test_int8_one_row_products_gather_their_input_only_on_the_cpu(platform, monkeypatch):

@@ -84,8 +84,8 @@ def soft_cap(x, cap):
 # speculative verification (num_draft_tokens + 1 <= 17 positions).
 KERNEL_FIRST_POSITIONS = 17
 _plans = []  # product_plan's, innermost last; without one, _plan() decides by the platform
-_CPU_PLAN = {"kernel_first_positions": KERNEL_FIRST_POSITIONS, "one_row": True}  # measured on XLA:CPU
-_PLAIN = {"kernel_first_positions": 0, "one_row": False}  # a GPU's or TPU's: the plain product everywhere
+_CPU_PLAN = {"kernel_first_positions": KERNEL_FIRST_POSITIONS, "one_row": True, "float32_result": True}  # XLA:CPU's
+_PLAIN = {"kernel_first_positions": 0, "one_row": False, "float32_result": False}  # a GPU's or TPU's: plain products
 
 
 def _plan():
@@ -102,9 +102,10 @@ def product_plan(kernel_first_positions=KERNEL_FIRST_POSITIONS, one_row=True):
 
     LiteRT export traces with (1, False): its converter and weight tooling expect
     the plain product for prompt chunks (a FULLY_CONNECTED whose weights it can find).
+    Its products keep Keras' own dtypes (no `float32_result_product`).
     Without a plan, products follow the platform (`_plan`).
     """
-    _plans.append({"kernel_first_positions": kernel_first_positions, "one_row": one_row})
+    _plans.append({"kernel_first_positions": kernel_first_positions, "one_row": one_row, "float32_result": False})
     try:
         yield
     finally:
@@ -128,7 +129,9 @@ def rows_times_transposed(inputs, kernel, blocks=None):
     [out, batch, seq] result is transposed: with the kernel on the right, XLA:CPU
     ran a whole batch-8 decode step ~1.5x slower and copied the transposed
     vocabulary table every step. Longer chunks (prefill, export's prompt buckets
-    of 32 and more) keep the plain product. All of this on the CPU only: on a
+    of 32 and more) keep the plain product. A bfloat16 product of several rows
+    asks for a float32 result where the backend can (`backend.float32_result_product`).
+    All of this on the CPU only: on a
     GPU or TPU the product is the plain one (`_plan`); docs/performance.md has
     the measurements. `blocks`: the kernel's `column_blocks`, which one row reads instead.
     """
@@ -138,7 +141,15 @@ def rows_times_transposed(inputs, kernel, blocks=None):
         product = one_row_product(ops.reshape(inputs, (1, shape[2])), kernel, blocks=blocks)
         return ops.reshape(ops.cast(product, inputs.dtype), (1, 1, kernel.shape[0]))
     kernel = ops.cast(kernel, inputs.dtype)
-    if seq is not None and seq <= _plan()["kernel_first_positions"]:
+    kernel_first = seq is not None and seq <= _plan()["kernel_first_positions"]
+    if (_plan()["float32_result"] and backend.float32_result_products()
+            and keras.backend.standardize_dtype(inputs.dtype) == "bfloat16"):
+        if kernel_first:
+            product = ops.transpose(backend.float32_result_product(kernel, inputs), (1, 2, 0))
+        else:
+            product = backend.float32_result_product(inputs, kernel)
+        return ops.cast(product, inputs.dtype)
+    if kernel_first:
         return ops.transpose(ops.einsum("fd,btd->fbt", kernel, inputs), (1, 2, 0))
     return ops.einsum("btd,fd->btf", inputs, kernel)
 

@@ -195,13 +195,14 @@ def main():
     llama_ready = os.path.exists(os.path.join(export_2b.LLAMA_VENV, "llama.cpp", "convert_hf_to_gguf.py"))
     systems = [s for s in args.systems if SYSTEMS[s][0] != "llama" or llama_ready]
     gguf = {}
+    state_path = os.path.join(args.out, f"gguf{suffix}.json")  # also read for the table's earlier llama rows
     if any(SYSTEMS[s][0] == "llama" for s in systems):
-        state_path = os.path.join(args.out, f"gguf{suffix}.json")
         if not os.path.exists(state_path):
             converted = export_2b.llama_convert_step(preset, args.out, keep_f16=True, q8_only=args.model != "2b",
                                                      name=architecture.removesuffix("_en"))
             with open(state_path, "w") as f:
                 json.dump(converted, f)
+    if os.path.exists(state_path):
         gguf = json.load(open(state_path))
     # Results accumulate in --out/runs.json over invocations (a run cut short keeps what it measured).
     runs_path = os.path.join(args.out, f"runs{suffix}.json")

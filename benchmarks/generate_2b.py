@@ -76,22 +76,14 @@ def weight_bytes(config, precision):
     return (table + projections) * bits // 8 + scales
 
 
-def ours_worker(preset, backend, precision, prompt, new, batches):
-    import keras_gemma2
-    from litert import prompt_ids
-
-    ids, _ = prompt_ids(prompt - 1)
-    tokens = [2] + list(ids)  # BOS first, as the tokenizer adds it
-    options = {"quantize": precision} if precision in ("int8", "int4") else {"dtype": precision}
-    start = time.time()
-    model = keras_gemma2.from_preset(preset, **options)
-    result = {"load_s": time.time() - start, "batches": {}}
+def timed_batches(generate, load_s, new, batches):
+    """The benchmark's method for one loaded model: `generate(batch, count)` runs `count` new tokens
+    for `batch` rows; per batch one untimed warm-up of each shape, then the best of two of each."""
+    result = {"load_s": load_s, "batches": {}}
     for batch in batches:
-        rows = [tokens] * batch
-
         def timed(count):
             begin = time.perf_counter()
-            model.generate(rows, max_new_tokens=count, stop_token_ids=())
+            generate(batch, count)
             return time.perf_counter() - begin
 
         try:
@@ -108,6 +100,22 @@ def ours_worker(preset, backend, precision, prompt, new, batches):
     return result
 
 
+def ours_worker(preset, backend, precision, prompt, new, batches):
+    import keras_gemma2
+    from litert import prompt_ids
+
+    ids, _ = prompt_ids(prompt - 1)
+    tokens = [2] + list(ids)  # BOS first, as the tokenizer adds it
+    options = {"quantize": precision} if precision in ("int8", "int4") else {"dtype": precision}
+    start = time.time()
+    model = keras_gemma2.from_preset(preset, **options)
+    load_s = time.time() - start
+
+    def generate(batch, count):
+        model.generate([tokens] * batch, max_new_tokens=count, stop_token_ids=())
+    return timed_batches(generate, load_s, new, batches)
+
+
 def kerashub_worker(preset, prompt, new, batches):
     """keras-hub's GemmaCausalLM on the same transformers-format preset (its own loader), greedy."""
     import keras_hub
@@ -119,27 +127,13 @@ def kerashub_worker(preset, prompt, new, batches):
     start = time.time()
     model = keras_hub.models.GemmaCausalLM.from_preset(preset, preprocessor=None, dtype="float32")
     model.compile(sampler="greedy")
-    result = {"load_s": time.time() - start, "batches": {}}
-    for batch in batches:
-        def timed(count):
-            token_ids = np.zeros((batch, len(tokens) + count), "int32")  # max_length = prompt + count
-            token_ids[:, :len(tokens)] = tokens
-            begin = time.perf_counter()
-            model.generate({"token_ids": token_ids, "padding_mask": token_ids != 0}, stop_token_ids=None)
-            return time.perf_counter() - begin
+    load_s = time.time() - start
 
-        try:
-            warm = timed(1) + timed(new)
-        except Exception as error:
-            result["batches"][str(batch)] = {"error": type(error).__name__}
-            continue
-        first = min(timed(1) for _ in range(2))
-        whole = min(timed(new) for _ in range(2))
-        result["batches"][str(batch)] = {
-            "ttft_s": first, "decode_tok_s": batch * (new - 1) / (whole - first), "warmup_s": warm,
-        }
-    result["peak_rss_mb"] = export_2b.peak_rss_mb()
-    return result
+    def generate(batch, count):
+        token_ids = np.zeros((batch, len(tokens) + count), "int32")  # max_length = prompt + count
+        token_ids[:, :len(tokens)] = tokens
+        model.generate({"token_ids": token_ids, "padding_mask": token_ids != 0}, stop_token_ids=None)
+    return timed_batches(generate, load_s, new, batches)
 
 
 def in_child(environment, *arguments):
